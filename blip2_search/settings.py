@@ -1,0 +1,116 @@
+"""The one settings object of the project.
+
+Every value comes from (in order of precedence) CLI flags, environment variables prefixed ``BLIP2_``
+(``DATABASE_URL`` also works unprefixed), a ``.env`` file, then the defaults below.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BLIP2_", env_file=".env", extra="ignore")
+
+    # --- storage -------------------------------------------------------------------------------
+    data_dir: Path = Field(Path("./data"), description="Catalog, vector index and thumbnails live here.")
+    database_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("BLIP2_DATABASE_URL", "DATABASE_URL"),
+        description="SQLAlchemy URL; default is a SQLite file in data_dir.",
+    )
+
+    # --- models --------------------------------------------------------------------------------
+    retrieval_model: str = Field(
+        "Salesforce/blip2-itm-vit-g",
+        description="Hub id or folder of a Blip2ForImageTextRetrieval checkpoint.",
+    )
+    caption_model: str | None = Field(
+        "Salesforce/blip2-opt-2.7b",
+        description="Hub id or folder of a Blip2ForConditionalGeneration checkpoint; empty: no captions.",
+    )
+    device: str | None = Field(None, description="torch device; default cuda when available, else cpu.")
+    dtype: str | None = Field(
+        None, description="float32, float16 or bfloat16; default fp16 on CUDA, fp32 on CPU."
+    )
+    batch_size: int = Field(32, ge=1, description="Images per model batch.")
+    max_image_pixels: int = Field(
+        178_956_970, ge=1, description="Images with more pixels are refused as decompression bombs."
+    )
+    fast_jpeg: bool = Field(
+        True, description="Decode JPEGs with DCT scaling (draft) before the exact resize."
+    )
+
+    # --- indexer -------------------------------------------------------------------------------
+    index_workers: int | None = Field(
+        None, ge=0, description="Decode worker processes; default CPU cores - 1; 0 decodes in-process."
+    )
+    index_hash_threads: int = Field(4, ge=1, description="Threads hashing new or changed files.")
+    index_include_hidden: bool = Field(False, description="Also index hidden and system folders.")
+    thumbnail_dir: Path | None = Field(None, description="Thumbnail folder; default data_dir/thumbnails.")
+    thumbnail_size: int = Field(256, ge=0, description="Longer side of thumbnails, px; 0: no thumbnails.")
+    # --- end indexer ---------------------------------------------------------------------------
+
+    # --- search_api ----------------------------------------------------------------------------
+    api_host: str = Field("127.0.0.1", description="Address `blip2-search serve` binds.")
+    api_port: int = Field(8000, ge=0, le=65535, description="Port `blip2-search serve` binds.")
+    api_keys: str = Field(
+        "", description="Comma-separated API keys; empty: no auth. Keys always guard admin endpoints."
+    )
+    api_key_header: str = Field("X-API-Key", description="Header that carries the API key.")
+    api_auth_all: bool = Field(False, description="Require an API key on every endpoint but health/ready.")
+    cors_origins: str = Field("", description="Comma-separated allowed CORS origins ('*' for any).")
+    max_query_chars: int = Field(1000, ge=1, description="Longest query/prompt text accepted.")
+    max_k: int = Field(100, ge=1, description="Most hits one search page returns.")
+    max_rerank_depth: int = Field(128, ge=0, description="Most ITC candidates the ITM re-ranks.")
+    max_caption_hits: int = Field(16, ge=0, description="Most hits captioned per search.")
+    max_rerank_candidates: int = Field(64, ge=1, description="Most candidates one /rerank call takes.")
+    max_upload_bytes: int = Field(20_000_000, ge=1, description="Largest image upload, bytes.")
+    max_upload_pixels: int = Field(50_000_000, ge=1, description="Most pixels an uploaded image may have.")
+    caption_max_new_tokens: int = Field(30, ge=1, le=256, description="Default caption length, tokens.")
+    index_poll_seconds: float = Field(2.0, gt=0, description="How often the API checks for a new index.")
+    inference_max_batch: int = Field(64, ge=1, description="Most items one batched model call takes.")
+    # --- end search_api ------------------------------------------------------------------------
+
+    # --- catalog -------------------------------------------------------------------------------
+    vector_index_dir: Path | None = Field(None, description="Vector index files; default data_dir/index.")
+    vector_index_kind: str = Field(
+        "auto",
+        pattern="^(auto|flat|ivf)$",
+        description="flat: exact; ivf: approximate (IVF, scalar-quantised); auto: flat below the threshold.",
+    )
+    vector_index_ivf_threshold: int = Field(
+        250_000, ge=0, description="auto: images above which a CPU index becomes IVF."
+    )
+    vector_index_ivf_threshold_cuda: int = Field(
+        2_000_000, ge=0, description="auto: images above which a GPU-searched index becomes IVF."
+    )
+    vector_index_ivf_codec: str = Field(
+        "sq8", pattern="^(sq8|fp16)$", description="IVF vector storage: sq8 (1 byte/dim) or fp16."
+    )
+    vector_index_nlist: int | None = Field(None, ge=1, description="IVF lists; default ~sqrt(vectors).")
+    vector_index_nprobe: int = Field(32, ge=1, description="IVF lists searched per query vector.")
+    vector_index_device: str = Field(
+        "auto", pattern="^(auto|cpu|cuda)$", description="Where the index is searched; auto: cuda if present."
+    )
+
+    @property
+    def resolved_vector_index_dir(self) -> Path:
+        return self.vector_index_dir or self.data_dir / "index"
+
+    # --- end catalog ---------------------------------------------------------------------------
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'catalog.db').resolve()}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny BLIP-2 checkpoints built once per test session, and the encoder over them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blip2_embed.testing import TinyCheckpoints, build_tiny_checkpoints
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoints:
+    return build_tiny_checkpoints(tmp_path_factory.mktemp("tiny-blip2"))
+
+
+@pytest.fixture(scope="session")
+def encoder(tiny_checkpoints: TinyCheckpoints):
+    from blip2_embed.encoder import Blip2Encoder
+
+    return Blip2Encoder.from_pretrained(
+        retrieval=str(tiny_checkpoints.retrieval),
+        caption=str(tiny_checkpoints.caption),
+        device="cpu",
+        batch_size=4,
+    )
+
+
+@pytest.fixture(scope="session")
+def sample_images():
+    """A few deterministic RGB images of different sizes and aspect ratios."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    sizes = [(40, 30), (64, 64), (23, 57), (100, 80), (32, 32)]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB") for w, h in sizes]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"blip2-search tests; repo at {Path(__file__).resolve().parents[1]}"
