@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+import blip2_search.demo as demo_cli
 import blip2_train.cli as train_cli
 import indexer.cli as indexer_cli
 import search_api.cli as search_api_cli
@@ -78,9 +79,8 @@ def caption(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image.")] = False,
 ) -> None:
     """Caption images (or answer a prompt about them) with the OPT caption model."""
-    from blip2_embed.images import decode_for_model
-
     from blip2_embed.errors import ImageError
+    from blip2_embed.images import decode_for_model
 
     settings = settings_with(caption_model=caption_model)
     encoder = load_encoder(settings, retrieval=False)
@@ -105,7 +105,7 @@ def caption(
 
 
 # Each package owns its subcommands; registering them here keeps one CLI.
-for _register in (indexer_cli.register, search_api_cli.register, train_cli.register):
+for _register in (indexer_cli.register, search_api_cli.register, train_cli.register, demo_cli.register):
     _register(app)
 
 

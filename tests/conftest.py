@@ -8,6 +8,9 @@ import pytest
 
 from blip2_embed.testing import TinyCheckpoints, build_tiny_checkpoints
 
+# Catalog fixtures (SQLite and Postgres variants of a migrated catalog) live in their own module.
+pytest_plugins = ["tests.conftest_catalog"]
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoints:

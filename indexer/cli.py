@@ -1,0 +1,128 @@
+"""Subcommands of ``blip2-search`` owned by this package: ``index``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+log = logging.getLogger(__name__)
+
+# Exit codes: 0 done (some files may have failed: see the summary), 1 fatal error (database, I/O),
+# 2 bad arguments, 3 model not found (from load_encoder), 130 interrupted by SIGINT.
+EXIT_FATAL = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def index(
+    paths: Annotated[list[Path], typer.Argument(help="Photo folders to index (recursively).")],
+    caption: Annotated[bool, typer.Option("--caption", help="Store an OPT caption for each image.")] = False,
+    caption_prompt: Annotated[str | None, typer.Option(help="Prompt for --caption captions.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would change; write nothing.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the summary as JSON, no progress bar.")
+    ] = False,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per model batch.")] = None,
+    workers: Annotated[int | None, typer.Option(min=0, help="Decode worker processes.")] = None,
+    include_hidden: Annotated[
+        bool | None, typer.Option("--include-hidden/--skip-hidden", help="Hidden and system folders.")
+    ] = None,
+    thumbnail_dir: Annotated[Path | None, typer.Option(help="Thumbnail folder.")] = None,
+    thumbnail_size: Annotated[int | None, typer.Option(min=0, help="Thumbnail longer side; 0: none.")] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: settings).")] = None,
+) -> None:
+    """Index photo folders: new and changed photos are embedded, moved ones keep their embedding,
+    deleted ones leave the index. Safe to interrupt; the next run continues."""
+    from rich.console import Console
+
+    from blip2_search.cli import load_encoder, settings_with
+    from catalog.db import make_engine, session_factory, upgrade
+    from indexer.index_sync import catch_up_index
+    from indexer.report import RichProgress, render_summary
+    from indexer.run import IndexOptions, default_workers, run_index
+
+    settings = settings_with(
+        database_url=database_url,
+        batch_size=batch_size,
+        index_workers=workers,
+        index_include_hidden=include_hidden,
+        thumbnail_dir=thumbnail_dir,
+        thumbnail_size=thumbnail_size,
+    )
+    console = Console(stderr=True)
+    for p in paths:
+        if not p.is_dir():
+            typer.secho(f"not a folder: {p}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(EXIT_USAGE)
+
+    encoder = load_encoder(settings, caption=caption)  # exits 3 when a model is missing
+    options = IndexOptions(
+        roots=list(paths),
+        batch_size=settings.batch_size,
+        workers=default_workers() if settings.index_workers is None else settings.index_workers,
+        caption=caption,
+        caption_prompt=caption_prompt,
+        dry_run=dry_run,
+        include_hidden=settings.index_include_hidden,
+        thumbnail_dir=settings.thumbnail_dir or settings.data_dir / "thumbnails",
+        thumbnail_size=settings.thumbnail_size,
+        fast_jpeg=settings.fast_jpeg,
+        max_pixels=settings.max_image_pixels,
+        hash_threads=settings.index_hash_threads,
+    )
+
+    stop = threading.Event()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now (committed batches are still safe)
+        stop.set()
+        console.print("[yellow]stopping after the current batch (Ctrl-C again to abort)[/]")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    url = settings.resolved_database_url
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(url)  # idempotent; a fresh data dir just works (a dry run too: an empty schema)
+        engine = make_engine(url)
+        sessions = session_factory(engine)
+        progress = None if as_json else RichProgress(console)
+        summary = run_index(
+            sessions,
+            encoder,
+            options,
+            progress=progress,
+            stop=stop,
+            after_publish=lambda s: catch_up_index(
+                engine, encoder.retrieval_key, settings.resolved_vector_index_dir, settings
+            ),
+        )
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        log.debug("fatal", exc_info=True)
+        typer.secho(f"indexing failed: {type(exc).__name__}: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_FATAL) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+    if as_json:
+        sys.stdout.write(json.dumps(summary.as_dict()) + "\n")
+    else:
+        render_summary(Console(), summary)
+    if summary.interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this package's commands to the ``blip2-search`` app."""
+    app.command("index")(index)

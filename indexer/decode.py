@@ -1,0 +1,105 @@
+"""What a decode worker process does with one file: read, hash, decode, preprocess, thumbnail.
+
+This module is imported by worker processes (spawned, not forked, so the parent's torch threads and
+CUDA context never leak into them); it imports only numpy/PIL through ``blip2_embed.images``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from blip2_embed.errors import ImageError, UnreadableImageError
+from blip2_embed.images import ImageMetadata, ImageSpec, load_image_with_metadata, make_thumbnail, preprocess
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    spec: ImageSpec
+    fast_jpeg: bool = True
+    max_pixels: int = 178_956_970
+    thumbnail_size: int = 256  # 0: no thumbnails
+
+
+@dataclass
+class Decoded:
+    """A file turned into model input; ``sha256`` is of the bytes actually decoded."""
+
+    sha256: str
+    byte_size: int
+    pixels: np.ndarray  # float32 (3, S, S)
+    metadata: ImageMetadata
+    thumbnail: bytes | None
+
+
+@dataclass
+class DecodeFailure:
+    sha256: str | None
+    reason: str
+    message: str
+
+
+_config: DecodeConfig | None = None
+
+
+def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
+    # A SIGKILLed indexer runs no cleanup, and pool workers blocked on their task queue never see EOF
+    # (each holds both ends of it), so they would linger forever. Reparenting gives the death away.
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(0)
+
+
+def init_worker(config: DecodeConfig) -> None:
+    """Pool initializer: keep the config, leave Ctrl-C to the parent (which stops after a batch), and
+    exit when the parent dies."""
+    global _config
+    _config = config
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def decode_file(path: str, config: DecodeConfig | None = None) -> Decoded | DecodeFailure:
+    """Decode one file; never raises for a bad file (the failure is data, recorded in the catalog).
+
+    The bytes are read once and hashed here, so the hash stored with the embedding is the hash of the
+    pixels that were embedded even if the file changes between the scan and the decode.
+    """
+    config = config or _config
+    if config is None:
+        raise RuntimeError("decode_file called in a worker without init_worker")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        err = UnreadableImageError(exc.strerror or str(exc), path)
+        return DecodeFailure(None, err.reason, str(err))
+    sha = hashlib.sha256(data).hexdigest()
+    spec = config.spec
+    # JPEG DCT scaling must keep enough resolution for both the model input and the thumbnail.
+    draft = max(2 * spec.size, config.thumbnail_size) if config.fast_jpeg else None
+    try:
+        image, meta = load_image_with_metadata(data, max_pixels=config.max_pixels, draft_size=draft)
+        pixels = preprocess([image], spec)[0]
+        thumb = make_thumbnail(image, config.thumbnail_size) if config.thumbnail_size > 0 else None
+    except ImageError as exc:
+        exc.path = path
+        return DecodeFailure(sha, exc.reason, f"{path}: {exc.detail or exc.summary}")
+    except Exception as exc:  # a decoder bug on one hostile file must not end the run
+        return DecodeFailure(sha, "corrupt", f"{path}: {type(exc).__name__}: {exc}")
+    return Decoded(sha, len(data), pixels, meta, thumb)

@@ -1,0 +1,102 @@
+"""Rich progress bar and final summary of an indexing run."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from indexer.run import ProgressSink, RunSummary
+
+
+class RateColumn(ProgressColumn):
+    """Images per second over the whole run so far (steadier than Rich's windowed speed)."""
+
+    def render(self, task: Task) -> Text:
+        elapsed = task.elapsed or 0.0
+        rate = task.completed / elapsed if elapsed > 0 else 0.0
+        return Text(f"{rate:6.1f} img/s", style="progress.data.speed")
+
+
+def _counts(summary: RunSummary) -> str:
+    return (
+        f"new {summary.new}  changed {summary.changed}  unchanged {summary.unchanged}  "
+        f"moved {summary.moved}  failed {summary.failed}  deleted {summary.deleted}"
+    )
+
+
+class RichProgress(ProgressSink):
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._progress: Progress | None = None
+        self._task = None
+
+    def start(self, total: int, summary: RunSummary) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]indexing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            RateColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[counts]}"),
+            console=self.console,
+            transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("index", total=total, counts=_counts(summary))
+
+    def advance(self, n: int, summary: RunSummary) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, advance=n, counts=_counts(summary))
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def render_summary(console: Console, summary: RunSummary, max_failures: int = 50) -> None:
+    title = "dry run: nothing written" if summary.dry_run else "index run"
+    if summary.interrupted:
+        title += " (interrupted; committed batches kept)"
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [
+        ("new", summary.new),
+        ("changed", summary.changed),
+        ("unchanged", summary.unchanged),
+        ("moved", summary.moved),
+        ("deleted", summary.deleted),
+        ("failed", summary.failed),
+    ]
+    if summary.dry_run:
+        rows.append(("would embed", summary.to_embed))
+    else:
+        rows += [("embedded", summary.embedded), ("captioned", summary.captioned)]
+        rows += [("seconds", f"{summary.seconds:.1f}"), ("images/s", f"{summary.images_per_second:.1f}")]
+        if summary.generation is not None:
+            rows.append(("generation", summary.generation))
+    for name, value in rows:
+        table.add_row(name, str(value))
+    console.print(table)
+    if summary.failures:
+        failed = Table(title=f"failed files ({len(summary.failures)})")
+        failed.add_column("file", overflow="fold")
+        failed.add_column("reason")
+        for f in summary.failures[:max_failures]:
+            failed.add_row(f.path, f.reason)
+        if len(summary.failures) > max_failures:
+            failed.add_row(f"... and {len(summary.failures) - max_failures} more", "")
+        console.print(failed)

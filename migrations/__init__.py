@@ -1,0 +1,1 @@
+"""Alembic revisions of the catalog schema; run them with ``blip2-search db upgrade``."""

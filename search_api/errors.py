@@ -1,0 +1,95 @@
+"""One error shape for every failure: RFC 9457 problem details (``application/problem+json``).
+
+Every handler here answers with ``{"type", "title", "status", "detail"}`` (plus ``errors`` for
+validation failures) and never with a stack trace: unexpected exceptions are logged server-side and
+the client sees only a generic 500 with a request id it can quote.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+# Short slugs make the ``type`` field stable for clients that branch on it.
+_TITLES = {
+    400: "Bad request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    406: "Not acceptable",
+    413: "Content too large",
+    415: "Unsupported media type",
+    422: "Unprocessable content",
+    429: "Too many requests",
+    500: "Internal server error",
+    503: "Service unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error a route raises on purpose; becomes a problem+json response with this status."""
+
+    def __init__(self, status: int, detail: str, *, code: str | None = None, headers: dict | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.code = code or _TITLES.get(status, "error").lower().replace(" ", "-")
+        self.headers = headers
+
+
+def problem(
+    status: int, detail: str, *, code: str | None = None, headers: dict | None = None, **extra: Any
+) -> JSONResponse:
+    title = _TITLES.get(status, "Error")
+    body: dict[str, Any] = {
+        "type": f"urn:blip2-search:problem:{code or title.lower().replace(' ', '-')}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    body.update(extra)
+    return JSONResponse(jsonable_encoder(body), status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def _short_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    # Pydantic's raw errors may echo the whole input (e.g. a 10 MB string); keep location + message.
+    out = []
+    for err in exc.errors():
+        out.append({"loc": [str(p) for p in err.get("loc", ())], "msg": str(err.get("msg", ""))[:300]})
+    return out
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return problem(exc.status, exc.detail, code=exc.code, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "Error")
+        return problem(exc.status_code, detail, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = _short_errors(exc)
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        detail = f"{'.'.join(first['loc'][1:] or first['loc'])}: {first['msg']}"
+        return problem(422, detail, code="validation-error", errors=errors)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        request_id = uuid.uuid4().hex[:12]
+        log.exception("unhandled error %s on %s %s", request_id, request.method, request.url.path)
+        return problem(500, f"internal error (request id {request_id})", code="internal")

@@ -1,0 +1,138 @@
+"""Text -> image and image -> image search."""
+
+import asyncio
+import datetime as dt
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+
+from blip2_embed.images import preprocess
+from blip2_search.settings import Settings
+from search_api.deps import State, require_reader
+from search_api.errors import ApiError
+from search_api.media import decode_upload, read_upload
+from search_api.routes.common import IdPath, clean_text, problems
+from search_api.schemas import SearchResponse
+from search_api.service import Filters, Timer, allowed_ids, rank_and_page
+
+
+def build(settings: Settings) -> APIRouter:
+    router = APIRouter(prefix="/api/search", tags=["search"], dependencies=[Depends(require_reader)])
+    K = Annotated[int, Query(ge=1, le=settings.max_k, description="Hits per page.")]
+    Offset = Annotated[int, Query(ge=0, le=10_000, description="Hits to skip (pagination).")]
+    Depth = Annotated[
+        int,
+        Query(
+            ge=0,
+            le=settings.max_rerank_depth,
+            description="ITC candidates re-ranked by ITM (0: no re-ranking).",
+        ),
+    ]
+    Captions = Annotated[
+        int, Query(ge=0, le=settings.max_caption_hits, description="Caption this many top hits of the page.")
+    ]
+    Root = Annotated[str | None, Query(max_length=4096, description="Only files under this library root.")]
+    Prefix = Annotated[
+        str | None, Query(max_length=4096, description="Only files whose path below the root starts so.")
+    ]
+    After = Annotated[dt.datetime | None, Query(description="Captured at or after (camera local time).")]
+    Before = Annotated[dt.datetime | None, Query(description="Captured at or before (camera local time).")]
+
+    def filters(
+        root: Root = None, path_prefix: Prefix = None, after: After = None, before: Before = None
+    ) -> Filters:
+        if (
+            after is not None
+            and before is not None
+            and after.replace(tzinfo=None) > before.replace(tzinfo=None)
+        ):
+            raise ApiError(422, "captured_after is later than captured_before", code="bad-date-range")
+        return Filters(root, path_prefix, after, before)
+
+    def filter_dep(
+        root: Root = None,
+        path_prefix: Prefix = None,
+        captured_after: After = None,
+        captured_before: Before = None,
+    ) -> Filters:
+        return filters(root, path_prefix, captured_after, captured_before)
+
+    @router.get("", response_model=SearchResponse, responses=problems(401, 422))
+    async def search_text(
+        state: State,
+        q: Annotated[str, Query(max_length=settings.max_query_chars * 4, description="Query text.")],
+        k: K = 20,
+        offset: Offset = 0,
+        rerank: Depth = min(32, settings.max_rerank_depth),
+        captions: Captions = 0,
+        flt: Filters = Depends(filter_dep),
+    ) -> SearchResponse:
+        """Text -> images: ITC top-N over the index, ITM re-rank of N, captions of the top hits."""
+        query = clean_text(q, settings.max_query_chars, "q")
+        timer = Timer(state)
+        with timer.stage("text_encode"):
+            vecs, cut = await state.worker.embed_texts([query])
+            vec, truncated = vecs[0], cut[0]
+        allowed = await allowed_ids(state, flt, timer)
+        snapshot = state.watcher.handle()  # this search's index, whatever swaps happen meanwhile
+        need = max(offset + k, rerank) + 1 + 8  # +1 tells whether a next page exists; +8 covers deletions
+        with timer.stage("vector_search"):
+            hits = await asyncio.to_thread(snapshot.search, vec, need, allowed=allowed)
+        return await rank_and_page(
+            state, snapshot, hits, text=query, k=k, offset=offset, rerank_depth=rerank,
+            caption_hits=captions, timer=timer, query=query, query_truncated=truncated,
+        )  # fmt: skip
+
+    @router.get("/similar/{image_id}", response_model=SearchResponse, responses=problems(401, 404, 422))
+    async def search_similar(
+        state: State,
+        image_id: IdPath,
+        k: K = 20,
+        offset: Offset = 0,
+        captions: Captions = 0,
+        flt: Filters = Depends(filter_dep),
+    ) -> SearchResponse:
+        """ "More like this": images closest to a catalog image (Chamfer similarity of the 32 vectors)."""
+        timer = Timer(state)
+        key = state.encoder.retrieval_key or ""
+        with timer.stage("load_query_vectors"):
+            vectors = await asyncio.to_thread(state.view.vectors, image_id, key)
+        if vectors is None:
+            raise ApiError(404, f"no indexed image with id {image_id}", code="unknown-image")
+        allowed = await allowed_ids(state, flt, timer)
+        snapshot = state.watcher.handle()
+        with timer.stage("vector_search"):
+            hits = await asyncio.to_thread(
+                snapshot.search_by_image, vectors, offset + k + 1 + 8, allowed=allowed, exclude=image_id
+            )
+        return await rank_and_page(
+            state, snapshot, hits, text=None, k=k, offset=offset, rerank_depth=0, caption_hits=captions,
+            timer=timer,
+        )  # fmt: skip
+
+    @router.post("/image", response_model=SearchResponse, responses=problems(401, 413, 415, 422))
+    async def search_by_upload(
+        state: State,
+        file: Annotated[UploadFile, File(description="The query image.")],
+        k: Annotated[int, Form(ge=1, le=settings.max_k)] = 20,
+        offset: Annotated[int, Form(ge=0, le=10_000)] = 0,
+        captions: Annotated[int, Form(ge=0, le=settings.max_caption_hits)] = 0,
+    ) -> SearchResponse:
+        """Image -> images for an uploaded image (multipart form field ``file``)."""
+        timer = Timer(state)
+        with timer.stage("decode_upload"):
+            data = await read_upload(file, settings.max_upload_bytes)
+            image = await asyncio.to_thread(decode_upload, data, settings.max_upload_pixels)
+            pixels = await asyncio.to_thread(preprocess, [image], state.encoder.spec)
+        with timer.stage("image_encode"):
+            vectors = (await state.worker.embed_images(pixels))[0]
+        snapshot = state.watcher.handle()
+        with timer.stage("vector_search"):
+            hits = await asyncio.to_thread(snapshot.search_by_image, np.asarray(vectors), offset + k + 1 + 8)
+        return await rank_and_page(
+            state, snapshot, hits, text=None, k=k, offset=offset, rerank_depth=0, caption_hits=captions,
+            timer=timer,
+        )  # fmt: skip
+
+    return router

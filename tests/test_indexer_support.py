@@ -1,0 +1,102 @@
+"""Helpers shared by the indexer tests: tiny photo libraries and a readable dump of catalog + index."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from catalog.index_store import index_path
+from catalog.models import Caption, Embedding, File, IndexState, LibraryRoot
+from catalog.models import Image as ImageRow
+from catalog.vector_index import MultiVectorIndex
+
+
+def image_bytes(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (64, 48), **params) -> bytes:
+    rng = np.random.default_rng(seed)
+    # Smooth blocks rather than noise, so JPEG files stay small and decode identically everywhere.
+    small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    image = Image.fromarray(small, "RGB").resize(size, Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+def write_image(path: Path, seed: int, fmt: str = "JPEG", **params) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(image_bytes(seed, fmt, **params))
+    return path
+
+
+@dataclass
+class CatalogDump:
+    """Everything a run leaves behind, keyed by content rather than by row id (ids differ across runs)."""
+
+    files: dict[str, tuple[str, str | None, str | None]]  # "root-name/rel" -> (status, sha, error slug)
+    embedded: dict[str, bytes]  # sha -> vectors blob
+    captions: dict[str, str]
+    live: set[str]
+    index: set[str]  # shas of the ids in the saved vector index
+    open_generation: int
+    published_generation: int
+    index_generation: int | None
+
+
+def dump(engine, model_key: str, index_dir: Path) -> CatalogDump:
+    with Session(engine) as s:
+        sha_of = dict(s.execute(select(ImageRow.id, ImageRow.sha256)).all())
+        roots = dict(s.execute(select(LibraryRoot.id, LibraryRoot.path)).all())
+        files = {}
+        for root_id, rel, status, image_id, error in s.execute(
+            select(File.root_id, File.relative_path, File.status, File.image_id, File.error)
+        ):
+            slug = error.split(":", 1)[0] if error else None
+            files[f"{Path(roots[root_id]).name}/{rel}"] = (str(status.value), sha_of.get(image_id), slug)
+        embedded = {
+            sha_of[i]: blob
+            for i, blob in s.execute(
+                select(Embedding.image_id, Embedding.vectors).where(Embedding.model_key == model_key)
+            )
+        }
+        captions = {sha_of[i]: text for i, text in s.execute(select(Caption.image_id, Caption.text))}
+        live = {sha for sha, is_live in s.execute(select(ImageRow.sha256, ImageRow.is_live)) if is_live}
+        state = s.execute(select(IndexState.open_generation, IndexState.published_generation)).one()
+    path = index_path(index_dir, model_key)
+    index_ids: set[str] = set()
+    index_gen = None
+    if path.exists():
+        idx, index_gen = MultiVectorIndex.load(path)
+        index_ids = {sha_of[int(i)] for i in idx.ids()}
+    return CatalogDump(files, embedded, captions, live, index_ids, state[0], state[1], index_gen)
+
+
+class CountingEncoder:
+    """Wraps an encoder and counts the images each model entry point sees."""
+
+    def __init__(self, encoder) -> None:
+        self._encoder = encoder
+        self.calls: dict[str, int] = {"vision_features": 0, "embed_images": 0, "caption": 0}
+
+    def __getattr__(self, name: str):
+        return getattr(self._encoder, name)
+
+    def vision_features(self, images):
+        self.calls["vision_features"] += len(images)
+        return self._encoder.vision_features(images)
+
+    def embed_images(self, images):
+        self.calls["embed_images"] += len(images)
+        return self._encoder.embed_images(images)
+
+    def caption(self, images, *args, **kwargs):
+        self.calls["caption"] += len(images)
+        return self._encoder.caption(images, *args, **kwargs)
+
+    @property
+    def model_calls(self) -> int:
+        return sum(self.calls.values())
