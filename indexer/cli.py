@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import typer
 
@@ -90,8 +90,11 @@ def index(
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     url = settings.resolved_database_url
+    writer_lock = None
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if not dry_run:
+            writer_lock = _hold_writer_lock(settings.data_dir / "indexer.lock")
         upgrade(url)  # idempotent; a fresh data dir just works (a dry run too: an empty schema)
         engine = make_engine(url)
         sessions = session_factory(engine)
@@ -114,6 +117,8 @@ def index(
         raise typer.Exit(EXIT_FATAL) from None
     finally:
         signal.signal(signal.SIGINT, previous)
+        if writer_lock is not None:
+            writer_lock.close()
 
     if as_json:
         sys.stdout.write(json.dumps(summary.as_dict()) + "\n")
@@ -121,6 +126,23 @@ def index(
         render_summary(Console(), summary)
     if summary.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _hold_writer_lock(path: Path) -> TextIO:
+    """The catalog takes one writer at a time (its generation protocol assumes it): hold an exclusive
+    lock on a file in the data folder while the run lasts, or exit with a clear message."""
+    import fcntl
+
+    fh = open(path, "a+")  # noqa: SIM115 - held open for the run; closing it releases the lock
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        typer.secho(
+            f"another indexer is running on this data folder (lock {path})", fg=typer.colors.RED, err=True
+        )
+        raise typer.Exit(EXIT_FATAL) from None
+    return fh
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,7 @@ parallel and the resumes and the reference run in-process (same code path, same 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -116,6 +117,14 @@ def test_cli_json_dry_run_and_exit_codes(cli, encoder, tmp_path: Path) -> None:
 
     human = cli(str(lib))  # the Rich summary
     assert human.exit_code == 0 and "unchanged" in human.output
+
+    # One writer at a time: a second indexer on the same data folder refuses to start.
+    with open(tmp_path / "data" / "indexer.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = cli(str(lib))
+        assert busy.exit_code == 1 and "another indexer is running" in busy.output
+        dry_busy = cli(str(lib), "--dry-run")
+        assert dry_busy.exit_code == 0, dry_busy.output  # a dry run writes nothing: it needs no lock
 
     assert cli(str(lib), BLIP2_RETRIEVAL_MODEL=str(tmp_path / "nope")).exit_code == 3  # no model
     no_db = cli(str(lib), BLIP2_DATABASE_URL="postgresql+psycopg://x@127.0.0.1:1/none?connect_timeout=2")
