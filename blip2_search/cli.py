@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -31,8 +32,10 @@ def main(
     )
     if not verbose:
         # Libraries narrate every step at INFO; keep the terminal for our own progress and results.
-        for noisy in ("alembic", "httpx", "transformers"):
+        for noisy in ("alembic", "httpx", "httpx2", "transformers", "faiss"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # The per-tensor "Loading weights" bars of transformers (read when it is first imported).
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def settings_with(**overrides: object) -> Settings:
