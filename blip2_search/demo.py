@@ -59,7 +59,8 @@ def demo(
 
     if not (photo_dir / "captions.jsonl").is_file():
         typer.echo(f"generating {photos} demo photos in {photo_dir} ...")
-        generate_dataset(photo_dir, photos, seed, max_objects=2)
+        # Single-object scenes: what the demo model was trained on (docs/training.md).
+        generate_dataset(photo_dir, photos, seed, max_objects=1)
     else:
         typer.echo(f"using the demo photos already in {photo_dir}")
 

@@ -1,0 +1,152 @@
+"""Retrieval and caption evaluation through the project's own inference code (``Blip2Encoder``).
+
+Retrieval follows the BLIP-2 / LAVIS protocol: ITC similarities rank everything; in each direction
+the top ``k`` candidates are re-scored with ``ITM match logit + ITC similarity`` (LAVIS adds the raw
+logit of the "match" class, averaged over the queries, to the cosine similarity) and re-sorted, the
+rest keep their ITC order below them. Recall@K counts a text -> image query as a hit when its image is
+in the top K, and an image -> text query when any of the image's captions is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from blip2_embed.encoder import Blip2Encoder, VisionFeatures, max_sim
+from blip2_train.data import CaptionedImage, load_pixels, normalize
+from blip2_train.scenes import SceneRecord, colour_and_shape_named
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Recall:
+    r1: float
+    r5: float
+    r10: float
+
+    @property
+    def mean(self) -> float:
+        return (self.r1 + self.r5 + self.r10) / 3
+
+
+@dataclass
+class RetrievalReport:
+    """Recall@1/5/10 for both directions, ITC alone and ITC top-k re-ranked with ITM."""
+
+    images: int
+    texts: int
+    k: int
+    itc_t2i: Recall
+    itc_i2t: Recall
+    itm_t2i: Recall
+    itm_i2t: Recall
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        rows = [
+            f"{self.images} images, {self.texts} texts, ITM re-ranks the ITC top {self.k}",
+            f"{'':12s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s}",
+        ]
+        for name, rec in (
+            ("ITC  t2i", self.itc_t2i),
+            ("ITC  i2t", self.itc_i2t),
+            ("+ITM t2i", self.itm_t2i),
+            ("+ITM i2t", self.itm_i2t),
+        ):
+            rows.append(f"{name:12s} {rec.r1:6.3f} {rec.r5:6.3f} {rec.r10:6.3f}")
+        return "\n".join(rows)
+
+
+def recall(ranks: np.ndarray) -> Recall:
+    """Recall@1/5/10 from the 0-based rank of each query's best correct answer."""
+    return Recall(*(float(np.mean(ranks < k)) for k in (1, 5, 10)))
+
+
+def _ranks(scores: np.ndarray, correct: Sequence[set[int]]) -> np.ndarray:
+    """0-based rank of the first correct column in each row of ``scores`` (higher = better)."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    out = np.empty(len(order), dtype=np.int64)
+    for i, row in enumerate(order):
+        out[i] = next(r for r, j in enumerate(row) if j in correct[i])
+    return out
+
+
+def _rerank(itc: np.ndarray, k: int, itm_logit) -> np.ndarray:
+    """Scores where each row's ITC top-k become ``ITM logit + ITC sim`` and sit above the rest.
+
+    ``itm_logit(rows, cols)`` returns the match logits of those pairs (one batched call).
+    """
+    k = min(k, itc.shape[1])
+    top = np.argsort(-itc, axis=1, kind="stable")[:, :k]
+    rows = np.repeat(np.arange(len(itc)), k)
+    cols = top.reshape(-1)
+    logits = itm_logit(rows, cols)
+    # Outside the top k: ITC order, shifted below every re-ranked score.
+    out = itc - (np.abs(itc).max() + np.abs(logits).max() + itc.max() + 10.0)
+    out[rows, cols] = logits + itc[rows, cols]
+    return out
+
+
+def pixels_of(items: Sequence[CaptionedImage], encoder: Blip2Encoder) -> torch.Tensor:
+    return normalize(load_pixels([i.image for i in items], encoder.spec), encoder.spec)
+
+
+def evaluate_retrieval(
+    encoder: Blip2Encoder, items: Sequence[CaptionedImage], k: int = 16, itm_batch: int = 512
+) -> RetrievalReport:
+    """Image-text retrieval on ``items`` (each image with its captions), both directions."""
+    texts = [c for item in items for c in item.captions]
+    text_image = np.array([i for i, item in enumerate(items) for _ in item.captions])
+    feats = encoder.vision_features(pixels_of(items, encoder))
+    image_vecs = encoder.embed_images(feats)
+    text_vecs = encoder.embed_texts(texts)
+    itc = max_sim(image_vecs, text_vecs)  # (N images, M texts)
+
+    def itm_logit(image_idx: np.ndarray, text_idx: np.ndarray) -> np.ndarray:
+        out = []
+        for s in range(0, len(image_idx), itm_batch):
+            ii, tt = image_idx[s : s + itm_batch], text_idx[s : s + itm_batch]
+            sub = VisionFeatures(hidden=feats.hidden[torch.as_tensor(ii)])
+            out.append(encoder.itm(sub, [texts[t] for t in tt]).logits[:, 1])
+        return np.concatenate(out)
+
+    t2i_correct = [{int(i)} for i in text_image]
+    i2t_correct = [set(np.flatnonzero(text_image == i).tolist()) for i in range(len(items))]
+    itc_t2i = recall(_ranks(itc.T, t2i_correct))
+    itc_i2t = recall(_ranks(itc, i2t_correct))
+    itm_t2i = recall(_ranks(_rerank(itc.T, k, lambda t, i: itm_logit(i, t)), t2i_correct))
+    itm_i2t = recall(_ranks(_rerank(itc, k, itm_logit), i2t_correct))
+    return RetrievalReport(len(items), len(texts), k, itc_t2i, itc_i2t, itm_t2i, itm_i2t)
+
+
+@dataclass
+class CaptionReport:
+    accuracy: float  # share naming every object's colour and shape ("red circle")
+    colour_accuracy: float  # share naming every object's colour
+    shape_accuracy: float  # share naming every object's shape
+    n: int
+    examples: list[tuple[str, str]]  # (reference caption, generated caption)
+
+
+def caption_accuracy(
+    encoder: Blip2Encoder, records: Sequence[SceneRecord], root: str, max_new_tokens: int = 24
+) -> CaptionReport:
+    """Share of generated scene captions that name each object's colour and shape (greedy decoding)."""
+    items = [CaptionedImage(Path(root) / r.image, tuple(r.captions)) for r in records]
+    captions = encoder.caption(pixels_of(items, encoder), max_new_tokens=max_new_tokens)
+    pairs = list(zip(captions, records, strict=True))
+    hits = [colour_and_shape_named(c, r.objects) for c, r in pairs]
+    colours = [all(o["colour"] in c.split() for o in r.objects) for c, r in pairs]
+    shapes = [all(o["shape"] in c.split() for o in r.objects) for c, r in pairs]
+    examples = [(r.captions[0], c) for c, r in pairs]
+    return CaptionReport(
+        float(np.mean(hits)), float(np.mean(colours)), float(np.mean(shapes)), len(hits), examples
+    )

@@ -1,0 +1,98 @@
+"""Quality gates of the shipped demo model (models/demo) on held-out generated scenes.
+
+The scenes use a seed the demo model never trained on (training used seed 1; see docs/training.md).
+Thresholds sit below the measured numbers (recorded in docs/training.md) with a margin for
+floating-point differences between machines, not for regressions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blip2_embed.encoder import Blip2Encoder
+from blip2_train.data import load_captions
+from blip2_train.evaluate import CaptionReport, RetrievalReport, caption_accuracy, evaluate_retrieval
+from blip2_train.scenes import generate_dataset, read_records
+
+DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
+HELD_OUT_SEED = 424242
+N_SCENES = 100
+
+pytestmark = pytest.mark.skipif(
+    not (DEMO / "retrieval" / "config.json").is_file(), reason="the demo model is not in models/demo"
+)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Blip2Encoder:
+    return Blip2Encoder.from_pretrained(
+        retrieval=str(DEMO / "retrieval"), caption=str(DEMO / "caption"), device="cpu", batch_size=128
+    )
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("held-out")
+    generate_dataset(folder, N_SCENES, seed=HELD_OUT_SEED, image_size=128)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def report(encoder: Blip2Encoder, held_out: Path) -> RetrievalReport:
+    result = evaluate_retrieval(encoder, load_captions(held_out / "karpathy.json"), k=16)
+    print("\n" + result.table())
+    return result
+
+
+def test_demo_pair_shares_vit_blocks_and_is_small(encoder: Blip2Encoder) -> None:
+    assert encoder.shared_vit
+    assert encoder.num_queries == 32
+    size = sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file())
+    assert size < 20 * 2**20, f"models/demo is {size / 2**20:.1f} MiB"
+
+
+def test_text_to_image_itc_recall(report: RetrievalReport) -> None:
+    # Chance R@1 is 1/100. Measured: t2i 0.90 / 1.00 (R@1 / R@10), i2t 0.89.
+    assert report.itc_t2i.r1 >= 0.8
+    assert report.itc_t2i.r10 >= 0.95
+    assert report.itc_i2t.r1 >= 0.8
+
+
+def test_itm_rerank_far_above_chance(report: RetrievalReport) -> None:
+    # Regression guard for the ITM head (measured t2i 0.80, i2t 0.83; chance 0.01).
+    assert report.itm_t2i.r1 >= 0.7
+    assert report.itm_i2t.r1 >= 0.7
+
+
+@pytest.mark.xfail(
+    reason="open: the demo ITM head is weaker than its ITC (t2i R@1 0.80 vs 0.90); docs/training.md",
+    strict=False,
+)
+def test_itm_rerank_not_worse_than_itc(report: RetrievalReport) -> None:
+    assert report.itm_t2i.r1 >= report.itc_t2i.r1
+    assert report.itm_i2t.r1 >= report.itc_i2t.r1
+
+
+@pytest.fixture(scope="module")
+def captions(encoder: Blip2Encoder, held_out: Path) -> CaptionReport:
+    result = caption_accuracy(encoder, read_records(held_out), str(held_out))
+    print(
+        f"\ncaptions: colour+shape {result.accuracy:.2f}, colour {result.colour_accuracy:.2f}, "
+        f"shape {result.shape_accuracy:.2f}; e.g. {result.examples[:3]}"
+    )
+    return result
+
+
+def test_captions_name_the_colour(captions: CaptionReport) -> None:
+    assert captions.colour_accuracy >= 0.95  # measured 1.00
+    assert captions.accuracy >= 0.45  # regression guard; measured 0.57
+
+
+@pytest.mark.xfail(
+    reason="open: the demo caption model names the right shape in 57% of scenes (colour: 100%)",
+    strict=False,
+)
+def test_captions_name_colour_and_shape(captions: CaptionReport) -> None:
+    assert captions.accuracy >= 0.9

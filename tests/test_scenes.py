@@ -1,0 +1,96 @@
+"""The synthetic scene generator and the caption-file readers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from blip2_train.data import BatchSampler, load_captions
+from blip2_train.scenes import (
+    COLOURS,
+    SHAPES,
+    VOCABULARY,
+    captions_for,
+    colour_and_shape_named,
+    generate_dataset,
+    iter_scenes,
+    read_records,
+    render,
+    sample_scene,
+)
+
+
+def test_same_seed_same_scenes_and_pixels() -> None:
+    a, b = sample_scene(5, 17), sample_scene(5, 17)
+    assert a == b
+    assert np.array_equal(np.asarray(render(a, 64)), np.asarray(render(b, 64)))
+    assert sample_scene(6, 17) != a or sample_scene(5, 18) != a
+
+
+def test_unique_scenes_have_distinct_caption_keys() -> None:
+    scenes = list(iter_scenes(3, 300))
+    assert len({s.key() for s in scenes}) == 300
+
+
+def test_captions_name_every_attribute_in_varied_phrasings() -> None:
+    for index in range(50):
+        scene = sample_scene(1, index, max_objects=2)
+        caps = captions_for(scene, 5)
+        assert len(set(caps)) == len(caps) >= 2
+        for cap in caps:
+            assert scene.background in cap.split()
+            objects = [{"colour": o.colour, "shape": o.shape} for o in scene.objects]
+            assert colour_and_shape_named(cap, objects), cap
+            assert set(cap.split()) <= set(VOCABULARY), cap
+
+
+def test_render_draws_the_object_colour() -> None:
+    scene = sample_scene(0, 0)
+    obj = scene.objects[0]
+    pixels = np.asarray(render(scene, 96)).reshape(-1, 3).astype(int)
+    distance = np.abs(pixels - np.array(COLOURS[obj.colour])).sum(axis=1)
+    assert (distance < 60).mean() > 0.01  # some pixels have the object's colour
+
+
+def test_generate_dataset_layouts_are_readable(tmp_path: Path) -> None:
+    records = generate_dataset(tmp_path, 12, seed=4, image_size=48, max_objects=2, captions_per_image=3)
+    assert len(records) == 12 == len(read_records(tmp_path))
+    with Image.open(tmp_path / records[0].image) as im:
+        assert im.size == (48, 48) and im.mode == "RGB"
+    from_jsonl = load_captions(tmp_path)
+    from_karpathy = load_captions(tmp_path / "karpathy.json", split="test")
+    assert [i.image for i in from_jsonl] == [i.image for i in from_karpathy]
+    assert [i.captions for i in from_jsonl] == [i.captions for i in from_karpathy]
+    assert all(i.image.is_file() and len(i.captions) == 3 for i in from_jsonl)
+    assert {o["shape"] for r in records for o in r.objects} <= set(SHAPES)
+
+
+def test_other_caption_layouts(tmp_path: Path) -> None:
+    img = tmp_path / "imgs" / "a.png"
+    img.parent.mkdir()
+    Image.new("RGB", (8, 8)).save(img)
+    coco = {
+        "images": [{"id": 7, "file_name": "a.png"}],
+        "annotations": [{"image_id": 7, "caption": "one"}, {"image_id": 7, "caption": "two"}],
+    }
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    assert load_captions(tmp_path / "coco.json", image_root=tmp_path / "imgs")[0].captions == ("one", "two")
+    (tmp_path / "lavis.json").write_text(json.dumps([{"image": "imgs/a.png", "caption": ["x", "y"]}]))
+    assert load_captions(tmp_path / "lavis.json")[0].image == img
+    (tmp_path / "c.jsonl").write_text(json.dumps({"file_name": "imgs/a.png", "caption": "z"}) + "\n")
+    assert load_captions(tmp_path / "c.jsonl")[0].captions == ("z",)
+    img.with_suffix(".txt").write_text("first\n\nsecond\n")
+    assert load_captions(tmp_path / "imgs")[0].captions == ("first", "second")
+    with pytest.raises(ValueError):
+        load_captions(tmp_path / "c.jsonl", split="test")
+
+
+def test_batch_sampler_is_a_function_of_the_step() -> None:
+    a, b = BatchSampler(10, 4, seed=1), BatchSampler(10, 4, seed=1)
+    assert [a.batch(s)[0] for s in range(5)] == [b.batch(s)[0] for s in reversed(range(5))][::-1]
+    first_epoch = a.batch(0)[0] + a.batch(1)[0]
+    assert len(set(first_epoch)) == 8  # distinct images within an epoch

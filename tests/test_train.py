@@ -1,0 +1,168 @@
+"""The training loop on tiny data: losses, the attention masks, HF export, and resume."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blip2_embed.encoder import Blip2Encoder
+from blip2_train.objectives import itg_attention_mask
+from blip2_train.scenes import generate_dataset
+from blip2_train.trainer import SHAPES, TrainConfig, latest_checkpoint, train, warmup_cosine
+
+TINY = replace(SHAPES["tiny"], num_query_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("scenes")
+    # One caption per image and the batch = the dataset: every step sees the same batch.
+    generate_dataset(folder, 8, seed=11, image_size=32, captions_per_image=1)
+    return folder
+
+
+def _config(data: Path, out: Path, **kw: object) -> TrainConfig:
+    base = dict(
+        data=str(data),
+        out=str(out),
+        shape=TINY,
+        batch_size=8,
+        batch_size0=8,
+        steps0=4,
+        steps1=6,
+        steps2=4,
+        warmup=2,
+        lr0=2e-3,
+        lr1=2e-3,
+        lr2=2e-3,
+        num_threads=1,
+        log_every=100,
+    )
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def test_itg_mask_queries_never_see_text() -> None:
+    text_mask = torch.tensor([[1, 1, 1, 0]])
+    allowed = itg_attention_mask(2, text_mask)[0, 0] == 0
+    expected = torch.tensor(
+        [  # q0 q1 t0 t1 t2 t3(pad)
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 1, 0],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(allowed, expected)
+
+
+def test_schedule_warms_up_then_decays() -> None:
+    f = warmup_cosine(10, 100, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(50) < f(10) and f(100) == pytest.approx(0.1)
+
+
+def test_losses_fall_and_export_loads_in_the_encoder(tiny_data: Path, tmp_path: Path) -> None:
+    results = train(_config(tiny_data, tmp_path, steps0=12, steps1=12, steps2=12))
+    s0, s1, s2 = results["stage0"], results["stage1"], results["stage2"]
+    for row in s0 + s1 + s2:
+        assert all(np.isfinite(v) for v in row.values())
+    assert s0[-1]["loss"] < s0[0]["loss"]
+    assert s1[-1]["loss"] < s1[0]["loss"]
+    assert s1[-1]["itg"] < s1[0]["itg"]
+    assert s2[-1]["lm"] < s2[0]["lm"]
+    encoder = Blip2Encoder.from_pretrained(
+        retrieval=str(tmp_path / "retrieval"), caption=str(tmp_path / "caption"), device="cpu"
+    )
+    # Stage 2 froze the ViT blocks it copied from stage 1, so the pair shares them.
+    assert encoder.shared_vit
+    images = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    assert encoder.embed_images(images).shape == (2, 8, TINY.embed_dim)
+    assert encoder.embed_texts(["a red circle"]).shape == (1, TINY.embed_dim)
+    assert encoder.itm(images, "a red circle").probs.shape == (2,)
+    assert len(encoder.caption(images, max_new_tokens=3)) == 2
+    # Training-only parameters (temperature, ITG head) are not in the HF checkpoint.
+    keys = load_file(tmp_path / "retrieval" / "model.safetensors").keys()
+    assert not any("itg" in k or "temperature" in k for k in keys)
+
+
+def test_resume_continues_exactly(tiny_data: Path, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    train(_config(tiny_data, straight, stage="1"))
+    split = tmp_path / "split"
+    partial = train(_config(tiny_data, split, stage="1", max_steps_this_run=3))
+    assert len(partial["stage1"]) == 3 and not (split / "retrieval").exists()
+    ckpt = latest_checkpoint(split / "checkpoints")
+    assert ckpt is not None and ckpt.name == "stage1-step000003"
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 3 and state["optimizer"]["state"]  # Adam moments were saved
+    resumed = train(_config(tiny_data, split, stage="1", resume=True))
+    assert [r["step"] for r in resumed["stage1"]] == [4, 5, 6]
+    a = load_file(straight / "retrieval" / "model.safetensors")
+    b = load_file(split / "retrieval" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_cli_scenes_train_and_eval(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from blip2_search.cli import app
+
+    runner = CliRunner()
+    data, out = tmp_path / "data", tmp_path / "model"
+    result = runner.invoke(app, ["scenes", str(data), "--n", "8", "--seed", "3", "--image-size", "32"])
+    assert result.exit_code == 0, result.output
+    args = [
+        "train",
+        str(data),
+        "--out",
+        str(out),
+        "--shape",
+        "tiny",
+        "--shape-json",
+        '{"num_query_tokens": 8}',
+        "--steps0",
+        "2",
+        "--steps1",
+        "2",
+        "--steps2",
+        "2",
+        "--batch-size",
+        "4",
+        "--batch-size0",
+        "4",
+        "--threads",
+        "1",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "retrieval" / "model.safetensors").is_file() and (out / "caption" / "config.json").is_file()
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "retrieval",
+            str(data / "karpathy.json"),
+            "--retrieval-model",
+            str(out / "retrieval"),
+            "--k",
+            "4",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert report["images"] == 8 and report["texts"] == 40
+    assert 0.0 <= report["itm_t2i"]["r1"] <= report["itm_t2i"]["r10"] <= 1.0
