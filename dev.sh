@@ -33,6 +33,7 @@ case "$cmd" in
     lint)
         setup
         "$VENV/bin/ruff" check .
+        "$VENV/bin/ruff" format --check .
         ;;
     *)
         echo "usage: ./dev.sh {demo|test|lint|setup} [args...]" >&2

@@ -214,7 +214,10 @@ def main() -> None:
         "repeats": args.repeats,
         "timing": "per image, fastest of `repeats` interleaved runs, pinned to one core, summed over images",
         "image": {
-            "width": args.width, "height": args.height, "quality": args.quality, "mean_mb": mean_file_mb
+            "width": args.width,
+            "height": args.height,
+            "quality": args.quality,
+            "mean_mb": mean_file_mb,
         },
         "spec_size": spec.size,
         "draft_size": 2 * spec.size,

@@ -71,6 +71,7 @@ SNIFF_BYTES = 64
 # --------------------------------------------------------------------------------------------------
 # Plugins
 
+
 def _register_plugins() -> None:
     """Teach Pillow HEIF (and AVIF where Pillow lacks it); runs once, at import."""
     try:
@@ -94,13 +95,31 @@ _register_plugins()
 # The decoders we let loose on untrusted files. Pillow can open far more (EPS even shells out to
 # Ghostscript on load); a photo index needs only these. Unknown names are skipped where a plugin is absent.
 _ACCEPTED_PIL_FORMATS = (
-    "JPEG", "PNG", "WEBP", "HEIF", "AVIF", "TIFF", "BMP", "DIB", "GIF", "JPEG2000", "PPM", "QOI", "ICO",
+    "JPEG",
+    "PNG",
+    "WEBP",
+    "HEIF",
+    "AVIF",
+    "TIFF",
+    "BMP",
+    "DIB",
+    "GIF",
+    "JPEG2000",
+    "PPM",
+    "QOI",
+    "ICO",
 )
 
 # sniff_format name -> Pillow format name, to tell "no decoder installed" from "damaged file".
 _PIL_NAME = {
-    "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "heif": "HEIF", "avif": "AVIF",
-    "tiff": "TIFF", "bmp": "BMP", "gif": "GIF",
+    "jpeg": "JPEG",
+    "png": "PNG",
+    "webp": "WEBP",
+    "heif": "HEIF",
+    "avif": "AVIF",
+    "tiff": "TIFF",
+    "bmp": "BMP",
+    "gif": "GIF",
 }
 
 
@@ -132,7 +151,7 @@ def _bmff_brands(head: bytes) -> list[bytes]:
     box_end = min(int.from_bytes(head[0:4], "big"), len(head))
     brands = [head[8:12]]
     # bytes 12..16 hold the minor version; compatible brands follow in 4-byte steps
-    brands += [head[i:i + 4] for i in range(16, box_end - 3, 4)]
+    brands += [head[i : i + 4] for i in range(16, box_end - 3, 4)]
     return brands
 
 
@@ -191,11 +210,11 @@ def _looks_truncated(data: bytes, fmt: str | None) -> bool:
         # Walk the top-level boxes: one that claims to extend past the end means the tail is missing.
         pos = 0
         while pos + 8 <= n:
-            size = int.from_bytes(data[pos:pos + 4], "big")
+            size = int.from_bytes(data[pos : pos + 4], "big")
             if size == 1:
                 if pos + 16 > n:
                     return True
-                size = int.from_bytes(data[pos + 8:pos + 16], "big")
+                size = int.from_bytes(data[pos + 8 : pos + 16], "big")
             elif size == 0:  # "extends to the end of the file"
                 return False
             if size < 8 or pos + size > n:
@@ -207,6 +226,7 @@ def _looks_truncated(data: bytes, fmt: str | None) -> bool:
 
 # --------------------------------------------------------------------------------------------------
 # Loading
+
 
 @dataclass(frozen=True)
 class ImageMetadata:
@@ -555,6 +575,7 @@ def load_image(
 
 # --------------------------------------------------------------------------------------------------
 # Preprocessing
+
 
 @dataclass(frozen=True)
 class ImageSpec:

@@ -205,7 +205,5 @@ def make_plan(
     # A path whose content reappeared at a new path was moved, not deleted (its row is still marked
     # deleted, but the summary should not count it twice).
     moved_hashes = {sha for f, old, sha in resolved if (old is None or old.status == "deleted")} & gone_hashes
-    plan.deleted_count = sum(
-        1 for root, rel in plan.deleted if catalog[root][rel].sha256 not in moved_hashes
-    )
+    plan.deleted_count = sum(1 for root, rel in plan.deleted if catalog[root][rel].sha256 not in moved_hashes)
     return plan

@@ -662,8 +662,13 @@ def test_fast_jpeg_with_rotation_and_non_jpeg_untouched(tmp_path: Path) -> None:
 
 def test_metadata_from_exif(tmp_path: Path) -> None:
     exif = exif_bytes(
-        orientation=8, make="Canon\x00", model=" EOS R5 ", original="2021:06:01 12:34:56", offset="+02:00",
-        subsec="25", datetime_ifd0="2023:01:01 00:00:00",
+        orientation=8,
+        make="Canon\x00",
+        model=" EOS R5 ",
+        original="2021:06:01 12:34:56",
+        offset="+02:00",
+        subsec="25",
+        datetime_ifd0="2023:01:01 00:00:00",
     )
     data = encode(Image.new("RGB", (60, 40)), "JPEG", exif=exif)
     meta = load_image_with_metadata(write(tmp_path, "m.jpg", data))[1]
