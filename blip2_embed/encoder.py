@@ -63,10 +63,23 @@ class ItmResult:
     logits: np.ndarray
 
 
-def _vision_trunk(vision_model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """Embeddings + encoder blocks of a Blip2VisionModel, without its final LayerNorm."""
+def vision_trunk(vision_model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Embeddings + encoder blocks of a Blip2VisionModel, without its final LayerNorm: (N, T, W)."""
     hidden = vision_model.embeddings(pixels)
     return vision_model.encoder(inputs_embeds=hidden).last_hidden_state
+
+
+def query_output(model: nn.Module, image_embeds: torch.Tensor) -> torch.Tensor:
+    """Q-Former over the learned queries with cross-attention to the image: (N, 32, H)."""
+    n = image_embeds.shape[0]
+    mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    out = model.qformer(
+        query_embeds=model.query_tokens.expand(n, -1, -1),
+        encoder_hidden_states=image_embeds,
+        encoder_attention_mask=mask,
+        return_dict=True,
+    )
+    return out.last_hidden_state
 
 
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
@@ -243,7 +256,7 @@ class Blip2Encoder:
     # ------------------------------------------------------------------ vision
     def _vision_features_batch(self, pixels: torch.Tensor) -> VisionFeatures:
         trunk = (self.retrieval or self.caption_model).vision_model
-        hidden = _vision_trunk(trunk, pixels)
+        hidden = vision_trunk(trunk, pixels)
         keep_pixels = self.retrieval is not None and self.caption_model is not None and not self.shared_vit
         return VisionFeatures(hidden=hidden, pixels=pixels if keep_pixels else None)
 
@@ -269,21 +282,8 @@ class Blip2Encoder:
         if feats._caption_hidden is None:
             if feats.pixels is None:
                 raise ValueError("these features lack the pixels the caption model's own ViT needs")
-            feats._caption_hidden = _vision_trunk(model.vision_model, feats.pixels)
+            feats._caption_hidden = vision_trunk(model.vision_model, feats.pixels)
         return model.vision_model.post_layernorm(feats._caption_hidden)
-
-    @staticmethod
-    def _query_output(model: nn.Module, image_embeds: torch.Tensor) -> torch.Tensor:
-        """Q-Former over the learned queries with cross-attention to the image: (N, 32, H)."""
-        n = image_embeds.shape[0]
-        mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        out = model.qformer(
-            query_embeds=model.query_tokens.expand(n, -1, -1),
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=mask,
-            return_dict=True,
-        )
-        return out.last_hidden_state
 
     # ------------------------------------------------------------------ ITC
     @torch.inference_mode()
@@ -292,7 +292,7 @@ class Blip2Encoder:
         model = self._need_retrieval()
         out = []
         for feats in self._features_chunks(images):
-            query = self._query_output(model, self._retrieval_image_embeds(feats))
+            query = query_output(model, self._retrieval_image_embeds(feats))
             proj = model.vision_projection(query.to(model.vision_projection.weight.dtype))
             out.append(nn.functional.normalize(proj.float(), dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.num_queries, self.embed_dim), np.float32)
@@ -416,7 +416,7 @@ class Blip2Encoder:
         tokens: list[list[int]] = []
         for feats in self._features_chunks(images):
             image_embeds = self._caption_image_embeds(feats)
-            query = self._query_output(model, image_embeds).to(image_embeds.dtype)
+            query = query_output(model, image_embeds).to(image_embeds.dtype)
             soft_prompt = model.language_projection(query)
             input_ids = prompt_ids.expand(soft_prompt.shape[0], -1)
             inputs_embeds = embed_tokens(input_ids)

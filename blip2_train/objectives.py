@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
+from blip2_embed.encoder import query_output, vision_trunk
+
 NEG_INF = torch.finfo(torch.float32).min
 
 
@@ -42,14 +44,8 @@ def vision_embeds(model: nn.Module, pixels: torch.Tensor, *, blocks_grad: bool =
     without autograd (frozen: no activations kept) while the final LayerNorm still trains."""
     vm = model.vision_model
     with torch.set_grad_enabled(blocks_grad and torch.is_grad_enabled()):
-        hidden = vm.encoder(inputs_embeds=vm.embeddings(pixels)).last_hidden_state
+        hidden = vision_trunk(vm, pixels)
     return vm.post_layernorm(hidden)
-
-
-def query_outputs(model: nn.Module, image_embeds: torch.Tensor) -> torch.Tensor:
-    """Q-Former over the learned queries with cross-attention to the image: (B, Q, H)."""
-    queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
-    return model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds).last_hidden_state
 
 
 def itg_attention_mask(num_queries: int, text_mask: torch.Tensor) -> torch.Tensor:
@@ -200,7 +196,7 @@ class Stage1(nn.Module):
     def image_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ViT output (B, T, W), normalised ITC query embeddings (B, Q, D))."""
         image_embeds = vision_embeds(self.model, pixels, blocks_grad=self.train_vision)
-        query = query_outputs(self.model, image_embeds)
+        query = query_output(self.model, image_embeds)
         return image_embeds, F.normalize(self.model.vision_projection(query), dim=-1)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -324,7 +320,7 @@ class Stage2(nn.Module):
     ) -> torch.Tensor:
         m = self.model
         image_embeds = vision_embeds(m, pixels, blocks_grad=self.train_vision_blocks)
-        query = query_outputs(m, image_embeds)
+        query = query_output(m, image_embeds)
         lm = m.language_model
         embed = m.get_input_embeddings()
         soft = m.language_projection(query).to(embed.weight.dtype)
