@@ -583,13 +583,7 @@ def embeddings_changed_since(
     )
     ids = sorted(changed)
     for chunk in _chunks(ids, batch_size):
-        rows = session.execute(
-            select(Image.id, Image.is_live, Embedding.num_vectors, Embedding.dim, Embedding.vectors)
-            .join(Embedding, and_(Embedding.image_id == Image.id, Embedding.model_key == model_key))
-            .where(Image.id.in_(chunk))
-            .order_by(Image.id)
-        ).all()
-        yield _changes(rows)
+        yield _changes_of(session, model_key, chunk)
 
 
 def _full_build(
@@ -609,13 +603,18 @@ def _full_build(
         dtype=np.int64,
     )[:: max(1, sample_every)]
     for chunk in _chunks(ids.tolist(), batch_size):
-        rows = session.execute(
-            select(Image.id, Image.is_live, Embedding.num_vectors, Embedding.dim, Embedding.vectors)
-            .join(Embedding, and_(Embedding.image_id == Image.id, Embedding.model_key == model_key))
-            .where(Image.id.in_(chunk))
-            .order_by(Image.id)
-        ).all()
-        yield _changes(rows)
+        yield _changes_of(session, model_key, chunk)
+
+
+def _changes_of(session: Session, model_key: str, image_ids: Sequence[int]) -> IndexChanges:
+    """The index changes for these images: their vectors when live, their removal otherwise."""
+    rows = session.execute(
+        select(Image.id, Image.is_live, Embedding.num_vectors, Embedding.dim, Embedding.vectors)
+        .join(Embedding, and_(Embedding.image_id == Image.id, Embedding.model_key == model_key))
+        .where(Image.id.in_(image_ids))
+        .order_by(Image.id)
+    ).all()
+    return _changes(rows)
 
 
 def _changes(rows: Sequence[Any]) -> IndexChanges:
