@@ -87,6 +87,23 @@ class TextDecoderHead(nn.Module):
         return x @ self._embeddings[0].weight.t() + self.bias
 
 
+def head_training_state(temperature: nn.Parameter, name: str, head: nn.Module) -> dict[str, torch.Tensor]:
+    """A stage's parameters that live outside the HF checkpoint: its temperature and training head."""
+    return {
+        "temperature": temperature.detach().clone(),
+        **{f"{name}.{k}": v for k, v in head.state_dict().items()},
+    }
+
+
+def load_head_training_state(
+    state: dict[str, torch.Tensor], temperature: nn.Parameter, name: str, head: nn.Module
+) -> None:
+    with torch.no_grad():
+        temperature.copy_(state["temperature"])
+    prefix = f"{name}."
+    head.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+
+
 class Stage0(nn.Module):
     """CLIP-style pre-training of a ViT built from scratch: what BLIP-2 gets from EVA-CLIP.
 
@@ -105,17 +122,10 @@ class Stage0(nn.Module):
         self.temperature = nn.Parameter(torch.tensor(float(init_temperature)))
 
     def training_state(self) -> dict[str, torch.Tensor]:
-        return {
-            "temperature": self.temperature.detach().clone(),
-            **{f"image_head.{k}": v for k, v in self.image_head.state_dict().items()},
-        }
+        return head_training_state(self.temperature, "image_head", self.image_head)
 
     def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.temperature.copy_(state["temperature"])
-        self.image_head.load_state_dict(
-            {k[len("image_head.") :]: v for k, v in state.items() if k.startswith("image_head.")}
-        )
+        load_head_training_state(state, self.temperature, "image_head", self.image_head)
 
     def forward(
         self,
@@ -180,17 +190,10 @@ class Stage1(nn.Module):
 
     def training_state(self) -> dict[str, torch.Tensor]:
         """The parameters outside the HF model, for training checkpoints (resume)."""
-        return {
-            "temperature": self.temperature.detach().clone(),
-            **{f"itg_head.{k}": v for k, v in self.itg_head.state_dict().items()},
-        }
+        return head_training_state(self.temperature, "itg_head", self.itg_head)
 
     def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.temperature.copy_(state["temperature"])
-        self.itg_head.load_state_dict(
-            {k[len("itg_head.") :]: v for k, v in state.items() if k.startswith("itg_head.")}
-        )
+        load_head_training_state(state, self.temperature, "itg_head", self.itg_head)
 
     # ------------------------------------------------------------------ pieces
     def image_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
