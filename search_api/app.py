@@ -148,6 +148,10 @@ def create_app(settings: Settings, *, encoder: Blip2Encoder | None = None) -> Fa
             "RFC 9457 problem details (application/problem+json)."
         ),
         lifespan=lifespan,
+        # Swagger UI and ReDoc load their scripts from a CDN, which an offline, same-origin (CSP) server
+        # cannot serve; the schema itself stays at /openapi.json.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.blip2 = None
     install_error_handlers(app)
