@@ -54,23 +54,14 @@ def test_demo_pair_shares_vit_blocks_and_is_small(encoder: Blip2Encoder) -> None
 
 
 def test_text_to_image_itc_recall(report: RetrievalReport) -> None:
-    # Chance R@1 is 1/100. Measured: t2i 0.90 / 1.00 (R@1 / R@10), i2t 0.89.
+    # Chance R@1 is 1/100. Measured: t2i 0.868 / 1.00 (R@1 / R@10), i2t 0.88.
     assert report.itc_t2i.r1 >= 0.8
     assert report.itc_t2i.r10 >= 0.95
     assert report.itc_i2t.r1 >= 0.8
 
 
-def test_itm_rerank_far_above_chance(report: RetrievalReport) -> None:
-    # Regression guard for the ITM head (measured t2i 0.80, i2t 0.83; chance 0.01).
-    assert report.itm_t2i.r1 >= 0.7
-    assert report.itm_i2t.r1 >= 0.7
-
-
-@pytest.mark.xfail(
-    reason="open: the demo ITM head is weaker than its ITC (t2i R@1 0.80 vs 0.90); docs/training.md",
-    strict=False,
-)
 def test_itm_rerank_not_worse_than_itc(report: RetrievalReport) -> None:
+    # Measured: t2i 0.874 vs ITC 0.868, i2t 0.900 vs 0.880.
     assert report.itm_t2i.r1 >= report.itc_t2i.r1
     assert report.itm_i2t.r1 >= report.itc_i2t.r1
 
@@ -87,11 +78,11 @@ def captions(encoder: Blip2Encoder, held_out: Path) -> CaptionReport:
 
 def test_captions_name_the_colour(captions: CaptionReport) -> None:
     assert captions.colour_accuracy >= 0.95  # measured 1.00
-    assert captions.accuracy >= 0.45  # regression guard; measured 0.57
+    assert captions.accuracy >= 0.7  # regression guard; measured 0.82
 
 
 @pytest.mark.xfail(
-    reason="open: the demo caption model names the right shape in 57% of scenes (colour: 100%)",
+    reason="open: the demo caption model names colour and shape in 82% of scenes (colour: 100%)",
     strict=False,
 )
 def test_captions_name_colour_and_shape(captions: CaptionReport) -> None:
