@@ -73,6 +73,11 @@ class Plan:
     deleted_count: int = 0  # gone paths whose content did not reappear elsewhere
 
     @property
+    def is_empty(self) -> bool:
+        """Nothing to write: every file is known, unchanged and indexed."""
+        return not (self.link or self.touch or self.work or self.failed or self.deleted)
+
+    @property
     def images_to_embed(self) -> int:
         return sum(1 for w in self.work if w.embed)
 

@@ -178,6 +178,14 @@ class Indexer:
                 session.rollback()
                 summary.seconds = time.perf_counter() - started
                 return summary
+            state = repo.generation_state(session)
+            if plan.is_empty and state.open_generation <= state.published_generation:
+                # A no-op run publishes nothing: a new generation would only make every API server
+                # reload its vector index for no change.
+                session.commit()  # roots seen for the first time
+                summary.generation = int(state.published_generation)
+                summary.seconds = time.perf_counter() - started
+                return summary
             generation = repo.open_generation(session)
             summary.generation = generation
             self._record_plan(session, store.RootIds(root_ids), plan, generation)

@@ -102,7 +102,11 @@ def test_first_index_then_rerun_does_no_model_work(env: Env) -> None:
     again = env.index()
     assert env.encoder.model_calls == 0 and again.embedded == 0
     assert (again.new, again.changed, again.unchanged, again.failed) == (0, 0, 7, 0)
-    assert env.dump().embedded == d.embedded
+    after = env.dump()
+    assert after.embedded == d.embedded
+    # Nothing changed, so nothing is published: servers have no new generation to catch up to.
+    assert again.generation == first.generation
+    assert after.published_generation == after.open_generation == first.generation
 
 
 def test_changed_added_deleted_moved_duplicated(env: Env) -> None:
