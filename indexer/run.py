@@ -180,8 +180,8 @@ class Indexer:
                 return summary
             state = repo.generation_state(session)
             if plan.is_empty and state.open_generation <= state.published_generation:
-                # A no-op run publishes nothing: a new generation would only make every API server
-                # reload its vector index for no change.
+                # A no-op run publishes nothing: the generation moves only when the catalog changed,
+                # so servers polling it and index catch-ups see no change that is none.
                 session.commit()  # roots seen for the first time
                 summary.generation = int(state.published_generation)
                 summary.seconds = time.perf_counter() - started
