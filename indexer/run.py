@@ -181,7 +181,7 @@ class Indexer:
             state = repo.generation_state(session)
             if plan.is_empty and state.open_generation <= state.published_generation:
                 # A no-op run publishes nothing: the generation moves only when the catalog changed,
-                # so servers polling it and index catch-ups see no change that is none.
+                # so servers polling it and index catch-ups have nothing to do.
                 session.commit()  # roots seen for the first time
                 summary.generation = int(state.published_generation)
                 summary.seconds = time.perf_counter() - started
