@@ -24,6 +24,17 @@ case "$cmd" in
     setup) setup ;;
     test)
         setup
+        # The Postgres catalog tests run wherever a Postgres answers on 127.0.0.1:5432 (trust auth,
+        # database `test`, as on the dev and CI machines); say so either way.
+        if [ -z "${BLIP2_TEST_DATABASE_URL:-}" ] && command -v pg_isready >/dev/null 2>&1 \
+            && pg_isready -q -h 127.0.0.1 -p 5432 -d test -U postgres; then
+            export BLIP2_TEST_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:5432/test"
+        fi
+        if [ -n "${BLIP2_TEST_DATABASE_URL:-}" ]; then
+            echo "dev.sh: Postgres tests run against ${BLIP2_TEST_DATABASE_URL%%\?*}"
+        else
+            echo "dev.sh: Postgres tests will be SKIPPED: no Postgres on 127.0.0.1:5432 and BLIP2_TEST_DATABASE_URL unset"
+        fi
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     demo)

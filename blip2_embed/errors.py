@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
+    "ConfigurationError",
     "CorruptImageError",
     "DecompressionBombError",
     "EmptyImageError",
@@ -119,3 +120,7 @@ class ModelNotFoundError(RuntimeError):
 
     def __reduce__(self):
         return (type(self), (self.model, self.message))
+
+
+class ConfigurationError(ValueError):
+    """A device, dtype or similar choice this machine cannot honour; the message says what to change."""

@@ -5,13 +5,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
+from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from blip2_embed.errors import ModelNotFoundError
+from blip2_embed.errors import ConfigurationError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +32,33 @@ _DTYPES = {
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """The requested device, else CUDA when present, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The requested device, else CUDA when present, else CPU.
+
+    A device this machine lacks is refused here, in one line, rather than deep inside the first
+    ``.to(device)`` (where torch reports a missing CUDA with pages of traceback).
+    """
+    if device is None or (isinstance(device, str) and not device.strip()):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigurationError(
+            f"unknown device {device!r} (BLIP2_DEVICE): use cpu, cuda or cuda:N ({exc})"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigurationError(
+                f"device {device!r} was asked for (BLIP2_DEVICE), but {build} (torch {torch.__version__}); "
+                "unset BLIP2_DEVICE to run on the CPU, or install a CUDA build of torch"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigurationError(
+                f"device {device!r} was asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigurationError(f"device {device!r} was asked for, but MPS is not available here")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -45,21 +71,64 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     try:
         return _DTYPES[dtype.lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))}") from None
+        raise ConfigurationError(
+            f"unknown dtype {dtype!r} (BLIP2_DTYPE); use one of {sorted(set(_DTYPES))}"
+        ) from None
 
 
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
 
 
+_SETTING = {"retrieval": "BLIP2_RETRIEVAL_MODEL", "caption": "BLIP2_CAPTION_MODEL"}
+
+
+def _first_sentence(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    cut = text.find(". ")
+    return (text[: cut + 1] if 0 < cut < 300 else text[:300]) or type(exc).__name__
+
+
+def _how_to_provide(name: str, role: str) -> str:
+    folder = f"/models/{Path(name.rstrip('/')).name or name}"
+    setting = _SETTING.get(role, "the model setting")
+    return (
+        f"Download it once where the hub is reachable (`hf download {name} --local-dir {folder}`), copy "
+        f"the folder here and set {setting}={folder}; on an offline machine also set HF_HUB_OFFLINE=1."
+    )
+
+
 def _not_found(name: str, role: str, cause: BaseException) -> ModelNotFoundError:
     return ModelNotFoundError(
         name,
         f"The {role} model {name!r} could not be loaded: it is not a folder with a checkpoint, not in the "
-        f"Hugging Face cache, and could not be downloaded ({type(cause).__name__}: {str(cause)[:200]}). "
-        f"Download it once where the hub is reachable (`hf download {name}`) and copy the cache or the "
-        f"folder here, then point the setting at it (e.g. BLIP2_RETRIEVAL_MODEL=/models/blip2-itm-vit-g).",
+        f"Hugging Face cache, and could not be downloaded "
+        f"({type(cause).__name__}: {_first_sentence(cause)}). " + _how_to_provide(name, role),
     )
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "owner/name"; anything absolute, relative-dotted or home-based is meant as a folder.
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+
+
+@lru_cache(maxsize=4)
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached from here, or None when a TCP connection works.
+
+    The hub client retries an unreachable host for ~30 s with a warning per try; one quick connection
+    attempt first lets an offline machine fail at once with the whole story.
+    """
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or exc}"
 
 
 def load_pretrained(cls: type[M], name: str, role: str, **kwargs: object) -> M:
@@ -68,6 +137,10 @@ def load_pretrained(cls: type[M], name: str, role: str, **kwargs: object) -> M:
     A local folder is loaded directly; a hub id is tried from the local cache first so an offline
     machine never waits on the network, then (unless HF_HUB_OFFLINE is set) from the hub.
     """
+    if _looks_like_path(name) and not Path(name).expanduser().exists():
+        raise ModelNotFoundError(
+            name, f"The {role} model folder {name!r} does not exist. " + _how_to_provide(name, role)
+        )
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise ModelNotFoundError(name, f"The {role} model folder {name!r} has no config.json.")
@@ -79,7 +152,17 @@ def load_pretrained(cls: type[M], name: str, role: str, **kwargs: object) -> M:
         return cls.from_pretrained(name, local_files_only=True, **kwargs)
     except OSError as local_exc:
         if _hub_offline():
-            raise _not_found(name, role, local_exc) from local_exc
+            raise ModelNotFoundError(
+                name,
+                f"The {role} model {name!r} is not a folder with a checkpoint and not in the Hugging Face "
+                f"cache (HF_HUB_OFFLINE is set, so the hub was not asked). " + _how_to_provide(name, role),
+            ) from local_exc
+    if (why := _hub_unreachable()) is not None:
+        raise ModelNotFoundError(
+            name,
+            f"The {role} model {name!r} is not a folder with a checkpoint and not in the Hugging Face cache, "
+            f"and the hub cannot be reached ({why}). " + _how_to_provide(name, role),
+        )
     try:
         return cls.from_pretrained(name, **kwargs)
     except Exception as exc:  # the hub client raises many kinds; all mean "not available here"

@@ -9,15 +9,38 @@ import os
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperGroup
 
 import blip2_search.demo as demo_cli
 import blip2_train.cli as train_cli
 import indexer.cli as indexer_cli
 import search_api.cli as search_api_cli
+from blip2_search.failures import explain
 from blip2_search.settings import Settings, get_settings
 
-app = typer.Typer(help="Self-hosted semantic image search on BLIP-2.", no_args_is_help=True)
+log = logging.getLogger("blip2_search")
+
+
+class _ReportingGroup(TyperGroup):
+    """Every failure a command does not handle becomes one line and an exit code (see ``failures``)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            log.debug("command failed", exc_info=True)
+            message, code = explain(exc)
+            typer.secho(message, fg=typer.colors.RED, err=True)
+            raise typer.Exit(code) from None
+
+
+app = typer.Typer(
+    help="Self-hosted semantic image search on BLIP-2.", no_args_is_help=True, cls=_ReportingGroup
+)
 db_app = typer.Typer(help="Catalog database.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
@@ -26,8 +49,9 @@ app.add_typer(db_app, name="db")
 def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
+    # Our own progress and results go to the terminal directly; log lines are for --verbose.
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not verbose:
@@ -42,25 +66,21 @@ def settings_with(**overrides: object) -> Settings:
     """The settings object with CLI flags applied on top (flags left as None keep the env/defaults)."""
     base = get_settings()
     changes = {k: v for k, v in overrides.items() if v is not None}
-    return base.model_copy(update=changes) if changes else base
+    # Validated like the environment's values (a --database-url postgres://... is normalised too).
+    return Settings.model_validate(base.model_dump() | changes) if changes else base
 
 
 def load_encoder(settings: Settings, *, retrieval: bool = True, caption: bool = True):
-    """The encoder for these settings; a missing model exits with its message, not a traceback."""
+    """The encoder for these settings; a missing model or device fails with one line (exit 3 / 2)."""
     from blip2_embed.encoder import Blip2Encoder
-    from blip2_embed.errors import ModelNotFoundError
 
-    try:
-        return Blip2Encoder.from_pretrained(
-            retrieval=settings.retrieval_model if retrieval else None,
-            caption=(settings.caption_model or None) if caption else None,
-            device=settings.device,
-            dtype=settings.dtype,
-            batch_size=settings.batch_size,
-        )
-    except ModelNotFoundError as exc:
-        typer.secho(str(exc), fg=typer.colors.RED, err=True)
-        raise typer.Exit(3) from None
+    return Blip2Encoder.from_pretrained(
+        retrieval=settings.retrieval_model if retrieval else None,
+        caption=(settings.caption_model or None) if caption else None,
+        device=settings.device,
+        dtype=settings.dtype,
+        batch_size=settings.batch_size,
+    )
 
 
 @db_app.command("upgrade")
@@ -81,10 +101,13 @@ def db_current(
     database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: settings).")] = None,
 ) -> None:
     """Print the catalog's schema revision (nothing before the first upgrade)."""
-    from catalog.db import current_revision
+    from catalog.db import current_revision, sqlite_file_missing
 
     settings = settings_with(database_url=database_url)
-    typer.echo(current_revision(settings.resolved_database_url) or "(no schema yet: run `db upgrade`)")
+    url = settings.resolved_database_url
+    # Asking must not create the catalog: a missing SQLite file has no schema yet.
+    revision = None if sqlite_file_missing(url) else current_revision(url)
+    typer.echo(revision or "(no schema yet: run `blip2-search db upgrade`)")
 
 
 @db_app.command("check")

@@ -32,6 +32,7 @@ def demo(
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Start the API after indexing.")] = True,
 ) -> None:
     """Generate a demo photo folder, index it with the bundled demo model, and serve the search page."""
+    from blip2_search.failures import check_port_free
     from blip2_search.settings import get_settings
     from blip2_train.scenes import generate_dataset
 
@@ -44,6 +45,8 @@ def demo(
         )
         raise typer.Exit(3)
 
+    if serve:
+        check_port_free(host, port)  # before a minute of generating and indexing, not after
     data_dir = data_dir.resolve()
     photo_dir = data_dir / "photos"
     # The demo is self-contained: its own SQLite catalog and models, whatever the environment says.

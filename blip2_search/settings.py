@@ -9,12 +9,44 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+# The catalog speaks SQLite and Postgres; Postgres through psycopg 3, the driver the project installs.
+_POSTGRES_SCHEMES = {"postgres": "postgresql+psycopg", "postgresql": "postgresql+psycopg"}
+
+
+def normalise_database_url(url: str) -> str:
+    """A usable SQLAlchemy URL for the catalog, or ValueError with a one-line reason.
+
+    ``postgres://`` (what Heroku, Docker images and most hosting panels print) and ``postgresql://``
+    become ``postgresql+psycopg://``: SQLAlchemy would otherwise look for psycopg2, which is not
+    installed.
+    """
+    text = url.strip()
+    scheme, sep, rest = text.partition("://")
+    if sep and scheme.lower() in _POSTGRES_SCHEMES:
+        text = f"{_POSTGRES_SCHEMES[scheme.lower()]}://{rest}"
+    try:
+        parsed = make_url(text)
+    except ArgumentError:
+        raise ValueError(
+            f"{url!r} is not a database URL; use e.g. postgresql://user@host:5432/db or "
+            "sqlite:////absolute/path/catalog.db"
+        ) from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError(
+            f"the catalog runs on SQLite or Postgres, not {parsed.get_backend_name()!r} ({parsed.drivername}://...)"
+        )
+    return text
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BLIP2_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="BLIP2_", env_file=".env", extra="ignore", populate_by_name=True
+    )
 
     # --- storage -------------------------------------------------------------------------------
     data_dir: Path = Field(Path("./data"), description="Catalog, vector index and thumbnails live here.")
@@ -103,6 +135,11 @@ class Settings(BaseSettings):
         return self.vector_index_dir or self.data_dir / "index"
 
     # --- end catalog ---------------------------------------------------------------------------
+
+    @field_validator("database_url")
+    @classmethod
+    def _valid_database_url(cls, value: str | None) -> str | None:
+        return normalise_database_url(value) if value and value.strip() else None
 
     @property
     def resolved_database_url(self) -> str:

@@ -112,8 +112,10 @@ def index(
     except typer.Exit:
         raise
     except Exception as exc:
+        from blip2_search.failures import explain
+
         log.debug("fatal", exc_info=True)
-        typer.secho(f"indexing failed: {type(exc).__name__}: {exc}", fg=typer.colors.RED, err=True)
+        typer.secho(f"indexing failed: {explain(exc)[0]}", fg=typer.colors.RED, err=True)
         raise typer.Exit(EXIT_FATAL) from None
     finally:
         signal.signal(signal.SIGINT, previous)

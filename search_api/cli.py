@@ -17,13 +17,20 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve the search API and the web page (uvicorn, one process: the models load once)."""
-    import uvicorn
-
-    from blip2_search.cli import settings_with
-    from search_api.app import create_app
+    from blip2_search.cli import load_encoder, settings_with
+    from blip2_search.failures import check_port_free
+    from catalog.db import check_not_damaged
 
     settings = settings_with(api_host=host, api_port=port, database_url=database_url)
-    app = create_app(settings)
+    # Cheap checks first: a taken port, a damaged catalog or a missing model must not cost a model
+    # load or an index build. A catalog that does not exist yet is fine: the indexer creates it.
+    check_port_free(settings.api_host, settings.api_port)
+    check_not_damaged(settings.resolved_database_url)
+    import uvicorn
+
+    from search_api.app import create_app
+
+    app = create_app(settings, encoder=load_encoder(settings))
     # One worker process: the model worker thread owns the accelerator; more processes would each load
     # the models. Concurrency comes from the event loop plus request batching.
     uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level=log_level, access_log=False)
@@ -38,19 +45,33 @@ def search(
     database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: settings).")] = None,
 ) -> None:
     """Search the catalog from the terminal (same pipeline as the API, in process)."""
-    from fastapi.testclient import TestClient
-
-    from blip2_search.cli import settings_with
-    from search_api.app import create_app
+    from blip2_search.cli import load_encoder, settings_with
+    from catalog.db import display_url, require_schema
 
     settings = settings_with(database_url=database_url, api_keys="", api_auth_all=False).model_copy(
         update={"max_k": max(k, 1), "max_rerank_depth": max(rerank, 1), "max_caption_hits": max(captions, 1)}
     )
-    with TestClient(create_app(settings)) as client:
+    # An unreachable, damaged or missing catalog is an error here, not an empty result (and is found
+    # before torch is even imported).
+    require_schema(settings.resolved_database_url)
+    from fastapi.testclient import TestClient
+
+    from search_api.app import create_app
+
+    encoder = load_encoder(settings, caption=captions > 0)
+    with TestClient(create_app(settings, encoder=encoder)) as client:
         resp = client.get("/api/search", params={"q": query, "k": k, "rerank": rerank, "captions": captions})
     body = resp.json()
     if resp.status_code != 200:
         typer.secho(body.get("detail", resp.text), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    if body["indexed_images"] == 0:
+        typer.secho(
+            f"the catalog at {display_url(settings.resolved_database_url)} has no indexed images yet: "
+            "run `blip2-search index PATH...` first",
+            fg=typer.colors.RED,
+            err=True,
+        )
         raise typer.Exit(1)
     if as_json:
         typer.echo(json.dumps(body, indent=2, default=str))

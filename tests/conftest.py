@@ -42,3 +42,31 @@ def sample_images():
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"blip2-search tests; repo at {Path(__file__).resolve().parents[1]}"
+
+
+# Groups of tests that need something the machine may lack; the summary says which ran and why not.
+_GROUPS = {"postgres": "Postgres", "browser": "browser (Chromium)", "ray": "Ray"}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    counts: dict[str, dict[str, int]] = {}
+    reasons: dict[str, set[str]] = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            keywords = getattr(report, "keywords", {})
+            for marker, label in _GROUPS.items():
+                if marker in keywords:
+                    counts.setdefault(label, {}).setdefault(outcome, 0)
+                    counts[label][outcome] += 1
+                    if outcome == "skipped" and isinstance(report.longrepr, tuple):
+                        why = str(report.longrepr[2]).removeprefix("Skipped: ")
+                        reasons.setdefault(label, set()).add(why)
+    if not counts:
+        return
+    terminalreporter.section("test groups that need services")
+    for label, c in counts.items():
+        ran = c.get("passed", 0) + c.get("failed", 0) + c.get("error", 0)
+        line = f"{label}: {ran} ran, {c.get('skipped', 0)} skipped"
+        if c.get("skipped"):
+            line += " -- " + "; ".join(sorted(reasons.get(label, ())))
+        terminalreporter.write_line(line)
