@@ -7,11 +7,11 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 import blip2_search.demo as demo_cli
 import blip2_train.cli as train_cli
@@ -26,10 +26,10 @@ log = logging.getLogger("blip2_search")
 class _ReportingGroup(TyperGroup):
     """Every failure a command does not handle becomes one line and an exit code (see ``failures``)."""
 
-    def invoke(self, ctx: click.Context) -> object:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
-        except (typer.Exit, click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        except (typer.Exit, typer.Abort, TyperException):  # usage errors and exits: Typer reports them
             raise
         except Exception as exc:
             log.debug("command failed", exc_info=True)

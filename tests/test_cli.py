@@ -61,3 +61,10 @@ def test_missing_model_is_one_clear_message(run, tmp_path) -> None:
     out = run("caption", str(img), BLIP2_CAPTION_MODEL=str(tmp_path / "nowhere"), HF_HUB_OFFLINE="1")
     assert out.exit_code == 3
     assert "nowhere" in out.output and "Traceback" not in out.output
+
+
+def test_usage_errors_stay_usage_errors(run) -> None:
+    # The failure reporter must leave Typer's own usage errors alone (exit 2 with the usage line).
+    out = run("index", "--no-such-flag")
+    assert out.exit_code == 2
+    assert "No such option" in out.output and "failed:" not in out.output
