@@ -43,7 +43,7 @@ def missing_model_inputs(indexer: Indexer, store: ModelInputStore) -> tuple[list
 def backfill_model_inputs(indexer: Indexer, summary: RunSummary) -> int:
     """Write the missing model inputs; returns how many were written."""
     store = indexer.model_inputs
-    if store is None:
+    if store is None or indexer.stop.is_set():
         return 0
     work, catalog_uid, generation = missing_model_inputs(indexer, store)
     if not work:
@@ -68,6 +68,7 @@ def backfill_model_inputs(indexer: Indexer, summary: RunSummary) -> int:
                 progress.advance(1, summary)
                 if indexer.stop.is_set():
                     log.warning("interrupted: %d model inputs stored, the next run stores the rest", written)
+                    summary.interrupted = True
                     return written
     finally:
         progress.stop()

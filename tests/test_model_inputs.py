@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,10 @@ from PIL import Image
 
 from blip2_embed.images import ImageSpec, decode_model_input, load_image, resize_for_model
 from blip2_search.settings import Settings
+from catalog import repository as repo
 from catalog.model_inputs import ModelInputStore, encode_model_input, spec_key
 from indexer import run as indexer_run
+from indexer.run import IndexOptions, ProgressSink, RunSummary, run_index
 from search_api.app import create_app
 from search_api.testing import index_folder
 from tests.fixtures_images import encode, exif_bytes, photo_like, stored_for_orientation
@@ -278,6 +281,10 @@ class _Env(Env):
     def store(self) -> ModelInputStore:
         return ModelInputStore(self.inputs, self.encoder.spec)
 
+    def catalog_uid(self) -> str:
+        with self.sessions() as session:
+            return repo.generation_state(session).catalog_uid
+
     def expected(self, path: Path) -> np.ndarray:
         return decode_model_input(path, self.encoder.spec, fast_jpeg=True, thumbnail_size=32)
 
@@ -344,6 +351,26 @@ def test_backfill_stores_missing_inputs_without_re_embedding(env: _Env) -> None:
     s = env.index()
     assert s.embedded == 0 and s.model_inputs_backfilled == 1 and env.encoder.model_calls == 0
     assert np.array_equal(env.store().load(_sha(new)), env.expected(new))
+
+
+def test_an_interrupted_backfill_resumes(env: _Env) -> None:
+    env.index(store=False)
+    stop = threading.Event()
+
+    class StopAfterOne(ProgressSink):
+        def advance(self, n: int, summary: RunSummary) -> None:
+            stop.set()  # what the CLI's SIGINT handler does
+
+    options = IndexOptions(
+        roots=[env.lib], workers=0, thumbnail_dir=env.thumbs, thumbnail_size=32, model_input_dir=env.inputs
+    )
+    s = run_index(env.sessions, env.encoder, options, progress=StopAfterOne(), stop=stop)
+    assert s.interrupted and s.model_inputs_backfilled == 1  # the CLI exits 130
+    assert env.store().backfilled_through(env.catalog_uid()) == 0  # no marker: not done
+    s = env.index()
+    assert s.model_inputs_backfilled == len(env.paths) - 1 and env.encoder.model_calls == 0
+    assert all(env.store().path(_sha(p)).is_file() for p in env.paths)
+    assert env.store().backfilled_through(env.catalog_uid()) == env.dump().published_generation
 
 
 def test_a_missing_input_is_decoded_from_the_original_like_the_indexer(
