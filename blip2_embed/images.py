@@ -1,8 +1,10 @@
 """Decoding photos into RGB and preprocessing them into BLIP-2 pixel tensors.
 
 The one path every image takes: bytes -> ``load_image`` (typed errors, pixel limit, EXIF orientation, any
-mode to RGB, optional JPEG DCT-scaled decoding) -> ``preprocess`` (bit-for-bit what transformers'
-PIL-based ``BlipImageProcessor`` computes). ``decode_for_model`` chains the two for indexer workers.
+mode to RGB, optional JPEG DCT-scaled decoding) -> ``resize_for_model`` (the model input before
+normalisation: uint8 S x S RGB, what the catalog stores) -> ``normalise`` (a table gather).
+``preprocess`` is the last two, bit-for-bit what transformers' PIL-based ``BlipImageProcessor`` computes.
+``decode_model_input`` chains decode and resize exactly as the indexer's workers do.
 
 This module is deliberately free of torch/transformers imports so worker processes start fast.
 """
@@ -44,11 +46,15 @@ __all__ = [
     "ImageSource",
     "ImageSpec",
     "decode_for_model",
+    "decode_model_input",
+    "draft_size_for",
     "load_image",
     "load_image_with_metadata",
     "make_thumbnail",
+    "normalise",
     "preprocess",
     "read_metadata",
+    "resize_for_model",
     "sniff_format",
 ]
 
@@ -711,20 +717,70 @@ def _normalisation_table(spec: ImageSpec) -> np.ndarray:
     return (levels[None, :] - mean) / std
 
 
-def preprocess(images: Sequence[Image.Image], spec: ImageSpec = ImageSpec.DEFAULT) -> np.ndarray:
-    """PIL images -> float32 ``(N, 3, S, S)``: RGB, PIL resize to S x S, rescale, normalize.
+def resize_for_model(image: Image.Image, spec: ImageSpec = ImageSpec.DEFAULT) -> np.ndarray:
+    """PIL image -> the model input before normalisation: uint8 ``(S, S, 3)`` RGB.
 
-    Equal to transformers' PIL-backend ``BlipImageProcessor`` for RGB input. Non-RGB input is converted
-    as ``load_image`` does (16-bit/float scaled, not clipped; transparency on white).
+    RGB conversion as ``load_image`` does it (16-bit/float scaled, not clipped; transparency on white),
+    then PIL's resize to S x S with the spec's filter: steps 1-2 of ``BlipImageProcessor``.
+    """
+    return np.asarray(_to_rgb(image).resize((spec.size, spec.size), resample=spec.resample))
+
+
+def normalise(inputs: np.ndarray, spec: ImageSpec = ImageSpec.DEFAULT) -> np.ndarray:
+    """uint8 model inputs ``(N, S, S, 3)`` -> float32 pixels ``(N, 3, S, S)``: rescale and normalise.
+
+    A gather from the normalisation table, bit-identical to ``BlipImageProcessor``'s float arithmetic.
+    """
+    if inputs.dtype != np.uint8 or inputs.ndim != 4 or inputs.shape[3] != 3:
+        raise ValueError(f"expected uint8 (N, S, S, 3) model inputs, got {inputs.dtype} {inputs.shape}")
+    table = _normalisation_table(spec)
+    out = np.empty((inputs.shape[0], 3, inputs.shape[1], inputs.shape[2]), dtype=np.float32)
+    for i in range(len(inputs)):
+        # One contiguous plane at a time: ~1.5x faster than fancy-indexing strided channels (0.55 ms
+        # per 224 px image on one core). uint8 indices are always in range, so 'clip' skips the check.
+        planes = np.ascontiguousarray(inputs[i].transpose(2, 0, 1))
+        for c in range(3):
+            np.take(table[c], planes[c], out=out[i, c], mode="clip")
+    return out
+
+
+def preprocess(images: Sequence[Image.Image], spec: ImageSpec = ImageSpec.DEFAULT) -> np.ndarray:
+    """PIL images -> float32 ``(N, 3, S, S)``: ``resize_for_model`` then ``normalise``.
+
+    Equal to transformers' PIL-backend ``BlipImageProcessor`` for RGB input.
     """
     s = spec.size
-    table = _normalisation_table(spec)
-    out = np.empty((len(images), 3, s, s), dtype=np.float32)
+    inputs = np.empty((len(images), s, s, 3), dtype=np.uint8)
     for i, image in enumerate(images):
-        resized = np.asarray(_to_rgb(image).resize((s, s), resample=spec.resample))
-        for c in range(3):
-            out[i, c] = table[c][resized[..., c]]
-    return out
+        inputs[i] = resize_for_model(image, spec)
+    return normalise(inputs, spec)
+
+
+def draft_size_for(spec: ImageSpec, *, fast_jpeg: bool, thumbnail_size: int = 0) -> int | None:
+    """The JPEG DCT-scaling target the indexer decodes at, or None for a full-size decode.
+
+    With `fast_jpeg`: 2*S, or the thumbnail's side when that is larger (one decode serves both). The
+    model input depends on it, so whoever re-creates an indexed image's input must use the same value.
+    """
+    return max(2 * spec.size, thumbnail_size) if fast_jpeg else None
+
+
+def decode_model_input(
+    source: ImageSource,
+    spec: ImageSpec,
+    *,
+    fast_jpeg: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    thumbnail_size: int = 0,
+) -> np.ndarray:
+    """Path/bytes/stream -> the uint8 ``(S, S, 3)`` model input, decoded as the indexer's workers do.
+
+    With `fast_jpeg`, JPEGs are decoded at a reduced DCT scale (``draft_size_for``) before the exact
+    bicubic resize: several times faster on camera-sized photos at a tiny pixel difference (see
+    docs/preprocessing.md). Raises the ``ImageError`` subclasses of ``load_image``.
+    """
+    draft = draft_size_for(spec, fast_jpeg=fast_jpeg, thumbnail_size=thumbnail_size)
+    return resize_for_model(load_image(source, max_pixels=max_pixels, draft_size=draft), spec)
 
 
 def decode_for_model(
@@ -734,14 +790,9 @@ def decode_for_model(
     fast_jpeg: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
-    """Path/bytes/stream -> float32 ``(3, S, S)`` model input; what indexer worker processes run.
-
-    With `fast_jpeg`, JPEGs are decoded at a reduced DCT scale that keeps both sides >= 2*S before the
-    exact bicubic resize: several times faster on camera-sized photos at a tiny pixel difference (see
-    docs/preprocessing.md). Raises the ``ImageError`` subclasses of ``load_image``.
-    """
-    image = load_image(source, max_pixels=max_pixels, draft_size=2 * spec.size if fast_jpeg else None)
-    return preprocess([image], spec)[0]
+    """Path/bytes/stream -> float32 ``(3, S, S)`` pixels: ``decode_model_input`` then ``normalise``."""
+    inputs = decode_model_input(source, spec, fast_jpeg=fast_jpeg, max_pixels=max_pixels)
+    return normalise(inputs[None], spec)[0]
 
 
 def make_thumbnail(image: Image.Image, max_side: int = 384, fmt: str = "JPEG", quality: int = 85) -> bytes:

@@ -85,6 +85,19 @@ class Settings(BaseSettings):
     index_include_hidden: bool = Field(False, description="Also index hidden and system folders.")
     thumbnail_dir: Path | None = Field(None, description="Thumbnail folder; default data_dir/thumbnails.")
     thumbnail_size: int = Field(256, ge=0, description="Longer side of thumbnails, px; 0: no thumbnails.")
+    store_model_inputs: bool = Field(
+        True,
+        description=(
+            "Keep each image's exact model input (data_dir/model_inputs, ~75 KB at 224 px) for re-ranking "
+            "and captions; false saves the disk, and they use the thumbnail (approximate)."
+        ),
+    )
+
+    @property
+    def model_input_dir(self) -> Path | None:
+        """Where model inputs are kept (catalog.model_inputs), or None when they are not."""
+        return self.data_dir / "model_inputs" if self.store_model_inputs else None
+
     # --- end indexer ---------------------------------------------------------------------------
 
     # --- search_api ----------------------------------------------------------------------------

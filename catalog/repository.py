@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import ColumnElement, Select, and_, func, select, update
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -584,6 +584,21 @@ def embeddings_changed_since(
     ids = sorted(changed)
     for chunk in _chunks(ids, batch_size):
         yield _changes_of(session, model_key, chunk)
+
+
+def live_images_changed_after(session: Session, model_key: str, generation: int) -> dict[int, str]:
+    """image id -> sha256 of the live images with an embedding of ``model_key`` whose embedding was
+    written, or whose liveness changed, after ``generation`` (all live embedded images for 0)."""
+    rows = session.execute(
+        select(Image.id, Image.sha256)
+        .join(Embedding, and_(Embedding.image_id == Image.id, Embedding.model_key == model_key))
+        .where(
+            Image.is_live.is_(True),
+            or_(Embedding.generation > generation, Image.liveness_generation > generation),
+        )
+        .order_by(Image.id)
+    )
+    return {r.id: r.sha256 for r in rows}
 
 
 def _full_build(

@@ -75,6 +75,7 @@ def index(
         include_hidden=settings.index_include_hidden,
         thumbnail_dir=settings.thumbnail_dir or settings.data_dir / "thumbnails",
         thumbnail_size=settings.thumbnail_size,
+        model_input_dir=settings.model_input_dir,
         fast_jpeg=settings.fast_jpeg,
         max_pixels=settings.max_image_pixels,
         hash_threads=settings.index_hash_threads,

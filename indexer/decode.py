@@ -1,7 +1,12 @@
-"""What a decode worker process does with one file: read, hash, decode, preprocess, thumbnail.
+"""What a decode worker process does with one file: read, hash, decode, resize, thumbnail.
+
+Workers return the uint8 model input (S x S RGB, before normalisation): 4x less to copy between
+processes than float pixels, and exactly what ``catalog.model_inputs`` stores. The main process
+normalises it (``blip2_embed.images.normalise``) right before the model.
 
 This module is imported by worker processes (spawned, not forked, so the parent's torch threads and
-CUDA context never leak into them); it imports only numpy/PIL through ``blip2_embed.images``.
+CUDA context never leak into them); it imports only numpy/PIL through ``blip2_embed.images`` and
+``catalog.model_inputs``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from blip2_embed.errors import ImageError, UnreadableImageError
-from blip2_embed.images import ImageMetadata, ImageSpec, load_image_with_metadata, make_thumbnail, preprocess
+from blip2_embed.images import (
+    ImageMetadata,
+    ImageSpec,
+    draft_size_for,
+    load_image_with_metadata,
+    make_thumbnail,
+    resize_for_model,
+)
+from catalog.model_inputs import encode_model_input
 
 
 @dataclass(frozen=True)
@@ -26,6 +39,7 @@ class DecodeConfig:
     fast_jpeg: bool = True
     max_pixels: int = 178_956_970
     thumbnail_size: int = 256  # 0: no thumbnails
+    encode_model_input: bool = False  # also return the model input encoded for catalog.model_inputs
 
 
 @dataclass
@@ -34,9 +48,10 @@ class Decoded:
 
     sha256: str
     byte_size: int
-    pixels: np.ndarray  # float32 (3, S, S)
+    model_input: np.ndarray  # uint8 (S, S, 3) RGB, before normalisation
     metadata: ImageMetadata
     thumbnail: bytes | None
+    model_input_file: bytes | None = None  # model_input, losslessly encoded (catalog.model_inputs)
 
 
 @dataclass
@@ -92,14 +107,15 @@ def decode_file(path: str, config: DecodeConfig | None = None) -> Decoded | Deco
     sha = hashlib.sha256(data).hexdigest()
     spec = config.spec
     # JPEG DCT scaling must keep enough resolution for both the model input and the thumbnail.
-    draft = max(2 * spec.size, config.thumbnail_size) if config.fast_jpeg else None
+    draft = draft_size_for(spec, fast_jpeg=config.fast_jpeg, thumbnail_size=config.thumbnail_size)
     try:
         image, meta = load_image_with_metadata(data, max_pixels=config.max_pixels, draft_size=draft)
-        pixels = preprocess([image], spec)[0]
+        model_input = resize_for_model(image, spec)
         thumb = make_thumbnail(image, config.thumbnail_size) if config.thumbnail_size > 0 else None
+        stored = encode_model_input(model_input) if config.encode_model_input else None
     except ImageError as exc:
         exc.path = path
         return DecodeFailure(sha, exc.reason, f"{path}: {exc.detail or exc.summary}")
     except Exception as exc:  # a decoder bug on one hostile file must not end the run
         return DecodeFailure(sha, "corrupt", f"{path}: {type(exc).__name__}: {exc}")
-    return Decoded(sha, len(data), pixels, meta, thumb)
+    return Decoded(sha, len(data), model_input, meta, thumb, stored)

@@ -1,10 +1,12 @@
 """The decode -> model -> write pipeline.
 
 Three stages run at once:
-- decode worker processes read, hash, decode and preprocess files, up to ``max_in_flight`` ahead;
-- the main thread stacks decoded pixels into batches and runs the model (the encoder pins host
-  memory and copies without blocking on CUDA);
-- a writer thread writes thumbnails and commits each batch's catalog rows while the next batch runs.
+- decode worker processes read, hash, decode and resize files to uint8 model inputs (and encode the
+  thumbnail and the stored copy of the input), up to ``max_in_flight`` ahead;
+- the main thread stacks the inputs into batches, normalises them and runs the model (the encoder pins
+  host memory and copies without blocking on CUDA);
+- a writer thread writes thumbnails and model inputs, then commits each batch's catalog rows, while the
+  next batch runs.
 """
 
 from __future__ import annotations

@@ -24,10 +24,13 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
+from blip2_embed.images import normalise
 from catalog import repository as repo
+from catalog.model_inputs import ModelInputStore
 from catalog.models import FileStatus
 from catalog.thumbnails import ThumbnailStore
 from indexer import store
+from indexer.backfill import backfill_model_inputs
 from indexer.decode import DecodeConfig, Decoded, DecodeFailure
 from indexer.diff import Failure, Plan, WorkItem, make_plan
 from indexer.pipeline import DecodePool, Timings, WriterThread, run_model
@@ -68,6 +71,7 @@ class IndexOptions:
     include_hidden: bool = False
     thumbnail_dir: Path | None = None
     thumbnail_size: int = 256
+    model_input_dir: Path | None = None  # None: model inputs are not stored (catalog.model_inputs)
     fast_jpeg: bool = True
     max_pixels: int = 178_956_970
     hash_threads: int = 4
@@ -94,6 +98,7 @@ class RunSummary:
     failed: int = 0
     embedded: int = 0  # images run through the model for their embedding
     captioned: int = 0
+    model_inputs_backfilled: int = 0  # inputs stored for images indexed before (decode only)
     to_embed: int = 0  # what the plan asked for (dry run: what would be embedded)
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -160,6 +165,8 @@ class Indexer:
             if options.thumbnail_dir is not None and options.thumbnail_size > 0
             else None
         )
+        inputs_dir = options.model_input_dir
+        self.model_inputs = ModelInputStore(inputs_dir, encoder.spec) if inputs_dir is not None else None
 
     # ------------------------------------------------------------------ phases
     def run(self) -> RunSummary:
@@ -279,12 +286,7 @@ class Indexer:
         if not work:
             return
         opts = self.options
-        config = DecodeConfig(
-            spec=self.encoder.spec,
-            fast_jpeg=opts.fast_jpeg,
-            max_pixels=opts.max_pixels,
-            thumbnail_size=opts.thumbnail_size if self.thumbnails is not None else 0,
-        )
+        config = self.decode_config()
         workers = min(opts.workers, len(work))
         writer: WriterThread[_Batch] = WriterThread(
             lambda batch: self._write(batch, roots, generation), self.timings
@@ -341,13 +343,23 @@ class Indexer:
             writer.close()
             self.progress.stop()
 
+    def decode_config(self) -> DecodeConfig:
+        """How this run's workers decode; the backfill of model inputs decodes the same way."""
+        return DecodeConfig(
+            spec=self.encoder.spec,
+            fast_jpeg=self.options.fast_jpeg,
+            max_pixels=self.options.max_pixels,
+            thumbnail_size=self.options.thumbnail_size if self.thumbnails is not None else 0,
+            encode_model_input=self.model_inputs is not None,
+        )
+
     def _model(self, batch: list[tuple[WorkItem, Decoded]]):
         if not batch:
             from indexer.pipeline import ModelOutput
 
             return ModelOutput([], [])
         t0 = time.perf_counter()
-        pixels = np.stack([d.pixels for _, d in batch])
+        pixels = normalise(np.stack([d.model_input for _, d in batch]), self.encoder.spec)
         out = run_model(
             self.encoder,
             pixels,
@@ -358,11 +370,17 @@ class Indexer:
         self.timings.model += time.perf_counter() - t0
         return out
 
+    def write_files(self, sha256: str, decoded: Decoded) -> None:
+        """The image's thumbnail and model input; before its catalog commit, so a committed image has
+        both (see the module docstring)."""
+        if self.thumbnails is not None and decoded.thumbnail is not None:
+            self.thumbnails.put(sha256, decoded.thumbnail)
+        if self.model_inputs is not None and decoded.model_input_file is not None:
+            self.model_inputs.put(sha256, decoded.model_input_file)
+
     def _write(self, batch: _Batch, roots: store.RootIds, generation: int) -> None:
-        if self.thumbnails is not None:
-            for item, decoded in batch.items:
-                if decoded.thumbnail is not None:
-                    self.thumbnails.put(item.sha256, decoded.thumbnail)
+        for item, decoded in batch.items:
+            self.write_files(item.sha256, decoded)
         with self.sessions() as session:
             ids = repo.get_or_create_images(session, [(w.sha256, d.byte_size) for w, d in batch.items])
             vec_ids, vecs = [], []
@@ -395,8 +413,12 @@ def run_index(
     stop: threading.Event | None = None,
     after_publish: Callable[[RunSummary], None] | None = None,
 ) -> RunSummary:
-    """Run the indexer once; ``after_publish`` (e.g. the vector index catch-up) runs on success."""
-    summary = Indexer(sessions, encoder, options, progress=progress, stop=stop).run()
+    """Run the indexer once; ``after_publish`` (e.g. the vector index catch-up) runs on success, then
+    the backfill of model inputs that older runs did not store (``indexer.backfill``)."""
+    indexer = Indexer(sessions, encoder, options, progress=progress, stop=stop)
+    summary = indexer.run()
     if after_publish is not None and not summary.dry_run:
         after_publish(summary)
+    if not summary.dry_run and not summary.interrupted:
+        summary.model_inputs_backfilled = backfill_model_inputs(indexer, summary)
     return summary

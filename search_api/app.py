@@ -126,8 +126,7 @@ def create_app(settings: Settings, *, encoder: Blip2Encoder | None = None) -> Fa
             on_change=on_change,
         )
         await watcher.start()
-        thumbs = settings.thumbnail_dir or settings.data_dir / "thumbnails"
-        media = Media(view, enc.spec, max_pixels=settings.max_image_pixels, thumbnail_dir=thumbs)
+        media = Media.from_settings(view, enc.spec, settings)
         app.state.blip2 = AppState(
             settings=settings, encoder=enc, worker=worker, view=view, watcher=watcher, media=media,
             metrics=metrics, api_keys=parse_keys(settings.api_keys),

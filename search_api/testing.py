@@ -67,6 +67,9 @@ def index_folder(settings: Settings, encoder, folder: Path) -> object:
             workers=0,
             thumbnail_dir=settings.thumbnail_dir or settings.data_dir / "thumbnails",
             thumbnail_size=settings.thumbnail_size,
+            model_input_dir=settings.model_input_dir,
+            fast_jpeg=settings.fast_jpeg,
+            max_pixels=settings.max_image_pixels,
         )
         return run_index(session_factory(engine), encoder, options)
     finally:

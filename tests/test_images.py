@@ -34,11 +34,15 @@ from blip2_embed.images import (
     CLIP_STD,
     ImageSpec,
     decode_for_model,
+    decode_model_input,
+    draft_size_for,
     load_image,
     load_image_with_metadata,
     make_thumbnail,
+    normalise,
     preprocess,
     read_metadata,
+    resize_for_model,
     sniff_format,
 )
 from tests.fixtures_images import (
@@ -138,6 +142,43 @@ def test_generic_blip_image_processor_falls_back_to_pil_without_torchvision() ->
 
 def test_preprocess_empty_batch() -> None:
     assert preprocess([], ImageSpec(size=32)).shape == (0, 3, 32, 32)
+
+
+def test_resize_then_normalise_is_the_processor_bit_for_bit() -> None:
+    """The two halves the catalog stores between: uint8 S x S RGB, then a gather."""
+    spec = ImageSpec(size=40, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    batch = [Image.fromarray(photo_like(w, h, seed=w)) for w, h in RGB_SIZES] + [
+        Image.fromarray(photo_like(30, 20)).convert("RGBA"),  # converted as load_image does
+        Image.fromarray(photo_like(30, 20)).convert("L"),
+    ]
+    inputs = np.stack([resize_for_model(image, spec) for image in batch])
+    assert inputs.dtype == np.uint8 and inputs.shape == (len(batch), 40, 40, 3)
+    expected = reference_processor(40, spec)(images=batch, return_tensors="np")["pixel_values"]
+    assert np.array_equal(normalise(inputs, spec), expected.astype(np.float32))
+    assert np.array_equal(preprocess(batch, spec), normalise(inputs, spec))
+    with pytest.raises(ValueError, match="uint8"):
+        normalise(inputs.astype(np.float32), spec)
+    with pytest.raises(ValueError, match="uint8"):
+        normalise(inputs[0], spec)  # one image needs its batch axis
+
+
+def test_decode_model_input_is_the_indexer_decode(tmp_path: Path) -> None:
+    spec = ImageSpec(size=32)
+    path = write(
+        tmp_path, "p.jpg", encode(Image.fromarray(photo_like(1200, 900, seed=3)), "JPEG", quality=90)
+    )
+    # The JPEG draft target: 2*S, or the thumbnail side when larger; None without the fast path.
+    assert draft_size_for(spec, fast_jpeg=True) == 64
+    assert draft_size_for(spec, fast_jpeg=True, thumbnail_size=256) == 256
+    assert draft_size_for(spec, fast_jpeg=False, thumbnail_size=256) is None
+    exact = decode_model_input(path, spec, fast_jpeg=False)
+    assert np.array_equal(exact, resize_for_model(load_image(path), spec))
+    fast = decode_model_input(path, spec, fast_jpeg=True, thumbnail_size=256)
+    assert np.array_equal(fast, resize_for_model(load_image(path, draft_size=256), spec))
+    assert not np.array_equal(fast, exact)  # 1200x900 decodes at 1/2 scale for 256, at 1/8 for 64
+    assert np.array_equal(
+        decode_for_model(path, spec), normalise(decode_model_input(path, spec)[None], spec)[0]
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -123,14 +123,21 @@ def test_text_search_rerank_and_captions(client: TestClient, encoder, catalog: S
         assert h["itc_score"] == pytest.approx(float((stored @ q).max()), abs=1e-4)
 
 
-def test_rerank_matches_encoder_itm_on_thumbnails(client: TestClient, encoder, catalog: Settings) -> None:
+def test_rerank_matches_encoder_itm_on_the_indexed_input(
+    client: TestClient, encoder, catalog: Settings
+) -> None:
     body = client.get("/api/search", params={"q": "blue square", "k": 6, "rerank": 6}).json()
     ids = [h["image_id"] for h in body["hits"]]
-    # Recompute ITM from the stored thumbnails exactly as the API does.
-    from blip2_embed.images import load_image, preprocess
+    # Recompute ITM from the original files, decoded as the indexer decodes them (fast JPEG path).
+    from blip2_embed.images import decode_model_input, normalise
 
-    state = client.app.state.blip2
-    pixels = np.stack([preprocess([load_image(state.media.thumbnail(i))], encoder.spec)[0] for i in ids])
+    inputs = [
+        decode_model_input(
+            h["path"], encoder.spec, fast_jpeg=catalog.fast_jpeg, thumbnail_size=catalog.thumbnail_size
+        )
+        for h in body["hits"]
+    ]
+    pixels = normalise(np.stack(inputs), encoder.spec)
     ref = encoder.itm(pixels, "blue square")
     by_id = {h["image_id"]: h for h in body["hits"]}
     for i, prob, logit in zip(ids, ref.probs, ref.logits[:, 1], strict=True):
