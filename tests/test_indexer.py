@@ -8,49 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from catalog.db import make_engine, session_factory, upgrade
 from catalog.thumbnails import thumbnail_path
 from indexer.decode import DecodeConfig, DecodeFailure, decode_file
-from indexer.index_sync import catch_up_index
-from indexer.run import IndexOptions, RunSummary, run_index
 from indexer.scan import scan_root
-from tests.test_indexer_support import CountingEncoder, dump, image_bytes, write_image
-
-
-class Env:
-    """One data dir: catalog, index folder, thumbnails; ``index()`` runs the indexer like the CLI does."""
-
-    def __init__(self, tmp: Path, encoder) -> None:
-        self.tmp = tmp
-        self.lib = tmp / "lib"
-        self.lib.mkdir()
-        url = f"sqlite:///{tmp / 'catalog.db'}"
-        upgrade(url)
-        self.engine = make_engine(url)
-        self.sessions = session_factory(self.engine)
-        self.index_dir = tmp / "index"
-        self.thumbs = tmp / "thumbs"
-        self.encoder = CountingEncoder(encoder)
-
-    def index(self, *roots: Path, **options) -> RunSummary:
-        self.encoder.calls = dict.fromkeys(self.encoder.calls, 0)
-        opts = IndexOptions(
-            roots=list(roots) or [self.lib],
-            batch_size=options.pop("batch_size", 3),
-            workers=options.pop("workers", 0),
-            thumbnail_dir=self.thumbs,
-            thumbnail_size=32,
-            **options,
-        )
-        return run_index(
-            self.sessions,
-            self.encoder,
-            opts,
-            after_publish=lambda s: catch_up_index(self.engine, self.encoder.retrieval_key, self.index_dir),
-        )
-
-    def dump(self):
-        return dump(self.engine, self.encoder.retrieval_key, self.index_dir)
+from tests.test_indexer_support import Env, image_bytes, write_image
 
 
 @pytest.fixture

@@ -11,10 +11,13 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from catalog.db import make_engine, session_factory, upgrade
 from catalog.index_store import index_path
 from catalog.models import Caption, Embedding, File, IndexState, LibraryRoot
 from catalog.models import Image as ImageRow
 from catalog.vector_index import MultiVectorIndex
+from indexer.index_sync import catch_up_index
+from indexer.run import IndexOptions, RunSummary, run_index
 
 
 def image_bytes(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (64, 48), **params) -> bytes:
@@ -100,3 +103,68 @@ class CountingEncoder:
     @property
     def model_calls(self) -> int:
         return sum(self.calls.values())
+
+
+class Env:
+    """One data dir: catalog, index folder, thumbnails; ``index()`` runs the indexer like the CLI does."""
+
+    def __init__(self, tmp: Path, encoder, url: str | None = None) -> None:
+        self.tmp = tmp
+        self.lib = tmp / "lib"
+        self.lib.mkdir()
+        url = url or f"sqlite:///{tmp / 'catalog.db'}"
+        upgrade(url)
+        self.engine = make_engine(url)
+        self.sessions = session_factory(self.engine)
+        self.index_dir = tmp / "index"
+        self.thumbs = tmp / "thumbs"
+        self.encoder = CountingEncoder(encoder)
+
+    def index(self, *roots: Path, **options) -> RunSummary:
+        self.encoder.calls = dict.fromkeys(self.encoder.calls, 0)
+        opts = IndexOptions(
+            roots=list(roots) or [self.lib],
+            batch_size=options.pop("batch_size", 3),
+            workers=options.pop("workers", 0),
+            thumbnail_dir=self.thumbs,
+            thumbnail_size=32,
+            **options,
+        )
+        return run_index(
+            self.sessions,
+            self.encoder,
+            opts,
+            after_publish=lambda s: catch_up_index(self.engine, self.encoder.retrieval_key, self.index_dir),
+        )
+
+    def dump(self):
+        return dump(self.engine, self.encoder.retrieval_key, self.index_dir)
+
+
+class NulCaptions(CountingEncoder):
+    """The real encoder, with its caption model made to emit NUL every other token (through a
+    ``generate`` logits processor), as a real caption model can."""
+
+    def __init__(self, encoder) -> None:
+        super().__init__(encoder)
+        import torch
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        tok = encoder.caption_tokenizer
+        (nul,) = tok("\x00", add_special_tokens=False)["input_ids"]
+        eos = tok.eos_token_id
+
+        class EveryOtherNul(LogitsProcessor):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+                scores = scores.clone()
+                if input_ids.shape[1] % 2 == 0:
+                    scores[:] = -1e9
+                    scores[:, nul] = 0.0
+                else:
+                    scores[:, eos] = -1e9  # keep going, so the caption has words between the NULs
+                return scores
+
+        self.processors = LogitsProcessorList([EveryOtherNul()])
+
+    def caption(self, images, *args, **kwargs):
+        return super().caption(images, *args, logits_processor=self.processors, **kwargs)
