@@ -9,6 +9,7 @@ text tower runs without an image; ITM of one text against many images reuses tho
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Union
@@ -454,7 +455,19 @@ class Blip2Encoder:
         ids = self.caption_token_ids(
             images, prompt, max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs
         )
-        return [t.strip() for t in self.caption_tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return [clean_text(t) for t in self.caption_tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+# C0 and C1 control characters (Unicode category Cc), with the whitespace around them.
+_CONTROL_RUN = re.compile(r"\s*[\x00-\x1f\x7f-\x9f]+\s*")
+
+
+def clean_text(text: str) -> str:
+    """Generated text as the product stores and serves it: each run of control characters (NUL, which
+    Postgres text cannot hold; escapes, which a terminal would obey; newlines) becomes one space, and
+    the ends are stripped. Text without control characters is only stripped, so ordinary captions
+    equal transformers' decode."""
+    return _CONTROL_RUN.sub(" ", text).strip()
 
 
 def max_sim(image_vectors: np.ndarray, text_vectors: np.ndarray) -> np.ndarray:

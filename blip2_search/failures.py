@@ -32,7 +32,15 @@ def _settings_message(exc: object) -> str:
 
 
 def explain(exc: BaseException) -> tuple[str, int]:
-    """The one-line message and exit code for a failure that reached the command line."""
+    """The one-line message and exit code for a failure that reached the command line (always
+    printable: a file name that is not UTF-8 shows as its catalog text form)."""
+    from catalog.paths import safe_text
+
+    message, code = _explain(exc)
+    return safe_text(message), code
+
+
+def _explain(exc: BaseException) -> tuple[str, int]:
     from pydantic import ValidationError
 
     from blip2_embed.errors import ConfigurationError, ModelNotFoundError

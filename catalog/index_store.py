@@ -125,7 +125,7 @@ def build_from_catalog(
     device = resolve_device(opts.device)
     with Session(engine) as session:
         state = repo.generation_state(session)
-        n_images = repo.count_index_members(session, model_key)
+        n_images = repo.count_index_members(session, model_key, state.published_generation)
         shape = repo.embedding_shape(session, model_key)
         kind = choose_kind(n_images, opts, device)
         index = MultiVectorIndex(

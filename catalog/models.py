@@ -27,6 +27,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -84,7 +85,7 @@ class LibraryRoot(Base):
     __tablename__ = "library_roots"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str] = mapped_column(Text, unique=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)  # absolute, text form of catalog.paths
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -108,6 +109,12 @@ class Image(Base):
     # The generation in which ``is_live`` last changed, so a catch-up from generation G finds the images
     # that entered or left the index after G.
     liveness_generation: Mapped[int] = mapped_column(Integer, default=0, index=True)
+    # ``is_live`` and ``liveness_generation`` as they were before the image's first liveness change in
+    # ``liveness_generation``. Only one generation is open at a time, so while it is, these give every
+    # image's state at the published generation: a rebuild of the vector index at that generation is
+    # exact even while an indexer run is half done.
+    prior_is_live: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    prior_liveness_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
@@ -120,7 +127,9 @@ class File(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     root_id: Mapped[int] = mapped_column(ForeignKey("library_roots.id", ondelete="CASCADE"))
-    relative_path: Mapped[str] = mapped_column(Text)  # POSIX separators, relative to the root
+    # POSIX separators, relative to the root, in the text form of catalog.paths (valid UTF-8 for any
+    # byte name: a byte that is not UTF-8 as \xHH, a backslash as two).
+    relative_path: Mapped[str] = mapped_column(Text)
     size: Mapped[int] = mapped_column(BigInteger)
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
     # Null until the content is hashed; several files may share one image.

@@ -5,6 +5,9 @@ the indexer commits once per batch (so a crash loses at most the batch in flight
 in short sessions. Queries select plain columns rather than ORM objects, so a long-lived session never
 serves a stale cached row.
 
+Paths: callers pass and get OS paths (``str``/``Path`` as ``os.fsdecode`` makes them, so any byte name
+works); the rows hold their text form (``catalog.paths``), which is valid UTF-8 on both backends.
+
 Generation protocol (see docs/catalog.md): a writer calls :func:`open_generation`, passes that number to
 every write, commits per batch, and calls :func:`publish_generation` when a run (or a periodic checkpoint)
 is complete. Readers only trust what :func:`published_generation` covers. One writer at a time.
@@ -20,11 +23,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import ColumnElement, Select, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, case, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from catalog.models import Caption, Embedding, File, FileStatus, Image, IndexState, LibraryRoot, utcnow
+from catalog.paths import decode_path, encode_path, safe_text
 
 # Rows per IN (...) list: well under SQLite's and Postgres's bound-parameter limits.
 _CHUNK = 500
@@ -44,6 +48,7 @@ class FileState:
     mtime_ns: int
     status: FileStatus
     image_id: int | None
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +114,8 @@ def _insert(session: Session, entity: Any) -> Any:
 
 
 def _as_posix(relative_path: str) -> str:
-    return PurePosixPath(relative_path).as_posix()
+    """The stored text of a relative OS path."""
+    return encode_path(PurePosixPath(relative_path).as_posix())
 
 
 # --- roots -------------------------------------------------------------------------------------------
@@ -117,13 +123,14 @@ def _as_posix(relative_path: str) -> str:
 
 def get_or_create_root(session: Session, path: str | Path) -> int:
     """The id of the library root at ``path`` (made absolute), created on first use."""
-    resolved = str(Path(path).expanduser().resolve())
+    resolved = encode_path(Path(path).expanduser().resolve())
     session.execute(_insert(session, LibraryRoot).values(path=resolved).on_conflict_do_nothing())
     return session.execute(select(LibraryRoot.id).where(LibraryRoot.path == resolved)).scalar_one()
 
 
 def list_roots(session: Session) -> dict[int, Path]:
-    return {row.id: Path(row.path) for row in session.execute(select(LibraryRoot.id, LibraryRoot.path))}
+    rows = session.execute(select(LibraryRoot.id, LibraryRoot.path))
+    return {row.id: Path(decode_path(row.path)) for row in rows}
 
 
 # --- files -------------------------------------------------------------------------------------------
@@ -132,11 +139,14 @@ def list_roots(session: Session) -> dict[int, Path]:
 def files_under_root(session: Session, root_id: int) -> dict[str, FileState]:
     """relative path -> state of every file row under the root, deleted ones included."""
     rows = session.execute(
-        select(File.relative_path, File.size, File.mtime_ns, File.status, File.image_id).where(
+        select(File.relative_path, File.size, File.mtime_ns, File.status, File.image_id, File.error).where(
             File.root_id == root_id
         )
     )
-    return {r.relative_path: FileState(r.size, r.mtime_ns, FileStatus(r.status), r.image_id) for r in rows}
+    return {
+        decode_path(r.relative_path): FileState(r.size, r.mtime_ns, FileStatus(r.status), r.image_id, r.error)
+        for r in rows
+    }
 
 
 def upsert_files(session: Session, root_id: int, updates: Iterable[FileUpdate], generation: int) -> None:
@@ -167,7 +177,7 @@ def upsert_files(session: Session, root_id: int, updates: Iterable[FileUpdate], 
             "mtime_ns": u.mtime_ns,
             "image_id": u.image_id,
             "status": FileStatus(u.status),
-            "error": u.error,
+            "error": None if u.error is None else safe_text(u.error),
             "first_seen_at": now,
             "updated_at": now,
         }
@@ -238,7 +248,13 @@ def mark_deleted(session: Session, root_id: int, relative_paths: Iterable[str], 
 
 
 def _refresh_liveness(session: Session, image_ids: Iterable[int], generation: int) -> None:
-    """Recompute ``images.is_live`` for these images; stamp the ones that changed with ``generation``."""
+    """Recompute ``images.is_live`` for these images; stamp the ones that changed with ``generation``.
+
+    The first change of an image in a generation also keeps what it was before (``prior_is_live``,
+    ``prior_liveness_generation``): that is its state at the published generation while this one is
+    open, which a build or catch-up at the published generation reads (see :func:`_live_at`).
+    """
+    first_change = Image.liveness_generation != generation
     ids = sorted(set(image_ids))
     for chunk in _chunks(ids):
         live = set(
@@ -260,7 +276,16 @@ def _refresh_liveness(session: Session, image_ids: Iterable[int], generation: in
                 session.execute(
                     update(Image)
                     .where(Image.id.in_(targets))
-                    .values(is_live=value, liveness_generation=generation, updated_at=utcnow())
+                    .values(
+                        # SET expressions read the row as it was before this UPDATE (both backends).
+                        prior_is_live=case((first_change, Image.is_live), else_=Image.prior_is_live),
+                        prior_liveness_generation=case(
+                            (first_change, Image.liveness_generation), else_=Image.prior_liveness_generation
+                        ),
+                        is_live=value,
+                        liveness_generation=generation,
+                        updated_at=utcnow(),
+                    )
                     .execution_options(synchronize_session=False)
                 )
 
@@ -368,7 +393,7 @@ def image_paths(session: Session, image_ids: Iterable[int]) -> dict[int, list[Pa
             .order_by(File.image_id, LibraryRoot.path, File.relative_path)
         )
         for image_id, root, rel in rows:
-            out.setdefault(image_id, []).append(Path(root) / rel)
+            out.setdefault(image_id, []).append(Path(decode_path(root)) / decode_path(rel))
     return out
 
 
@@ -406,8 +431,9 @@ def filter_image_ids(
     """Ids (int64, sorted) of live images with a file matching every given condition.
 
     ``path_prefix`` is matched literally and case-sensitively against the start of the path relative
-    to the root ('2023/' or '2023/trip', POSIX separators); the capture-time bounds are inclusive and
-    compare with the camera's wall-clock time.
+    to the root ('2023/' or '2023/trip', POSIX separators), in the text form users are shown
+    (``catalog.paths``: a backslash as two, a byte that is not UTF-8 as ``\\xHH``); the capture-time
+    bounds are inclusive and compare with the camera's wall-clock time.
     Pass the result as ``allowed_ids`` to :meth:`catalog.vector_index.MultiVectorIndex.search`.
     """
     stmt: Select[Any] = (
@@ -522,13 +548,17 @@ def images_missing_embedding(session: Session, image_ids: Iterable[int], model_k
     return set(ids) - have
 
 
-def count_index_members(session: Session, model_key: str) -> int:
-    """How many images belong in the vector index of ``model_key`` (live, with an embedding)."""
+def count_index_members(session: Session, model_key: str, until: int | None = None) -> int:
+    """How many images belong in the vector index of ``model_key`` (live, with an embedding), now or,
+    with ``until``, at that generation (what a full build at ``until`` holds)."""
+    members = (
+        Image.is_live.is_(True) if until is None else and_(_live_at(until), Embedding.generation <= until)
+    )
     return session.execute(
         select(func.count())
         .select_from(Embedding)
         .join(Image, Image.id == Embedding.image_id)
-        .where(Embedding.model_key == model_key, Image.is_live.is_(True))
+        .where(Embedding.model_key == model_key, members)
     ).scalar_one()
 
 
@@ -552,14 +582,15 @@ def embeddings_changed_since(
     """What a vector index stamped with generation ``since`` must apply to reflect ``until``.
 
     ``until`` defaults to the published generation. Otherwise this is every image whose embedding was
-    written, or whose liveness changed, in generations (since, until], with its current state: live
-    ones come back as upserts with their vectors, the others as removals. With ``since <= 0`` it is a
-    full build: every live image with an embedding whose last change is at most ``until``.
+    written, or whose liveness changed, in generations (since, until], with its state at ``until``:
+    live ones come back as upserts with their vectors, the others as removals. With ``since <= 0`` it
+    is a full build: every image live at ``until`` with an embedding written by then.
 
-    Only an image's latest change is recorded, so an image changed again after ``until`` is left for
-    the catch-up that covers that newer change; applying the windows in order converges on the
-    catalog. Batches are ordered by image id; ``sample_every`` > 1 keeps every n-th image of a full
-    build (a training sample for IVF).
+    Liveness at ``until`` is exact for ``until`` >= the published generation: a change made in the
+    still-open generation is read back from the ``prior_*`` columns (:func:`_live_at`). An embedding
+    replaced after ``until`` cannot be read as it was (the indexer never replaces one). Batches are
+    ordered by image id; ``sample_every`` > 1 keeps every n-th image of a full build (a training
+    sample for IVF).
     """
     if until is None:
         until = published_generation(session)
@@ -578,12 +609,36 @@ def embeddings_changed_since(
         session.scalars(
             select(Image.id)
             .join(Embedding, and_(Embedding.image_id == Image.id, Embedding.model_key == model_key))
-            .where(Image.liveness_generation > since, Image.liveness_generation <= until)
+            .where(_liveness_changed_in(since, until))
         )
     )
     ids = sorted(changed)
     for chunk in _chunks(ids, batch_size):
-        yield _changes_of(session, model_key, chunk)
+        yield _changes_of(session, model_key, chunk, until)
+
+
+def _live_at(until: int) -> ColumnElement[bool]:
+    """Whether an image was live at generation ``until`` (>= every generation but the open one).
+
+    An image whose liveness last changed after ``until`` changed in the open generation (only one is
+    open at a time), so its state at ``until`` is the one it had before that change.
+    """
+    return or_(
+        and_(Image.liveness_generation <= until, Image.is_live.is_(True)),
+        and_(Image.liveness_generation > until, Image.prior_is_live.is_(True)),
+    )
+
+
+def _liveness_changed_in(since: int, until: int) -> ColumnElement[bool]:
+    """The image's liveness, as of ``until``, last changed in (since, until]."""
+    return or_(
+        and_(Image.liveness_generation > since, Image.liveness_generation <= until),
+        and_(
+            Image.liveness_generation > until,
+            Image.prior_liveness_generation > since,
+            Image.prior_liveness_generation <= until,
+        ),
+    )
 
 
 def live_images_changed_after(session: Session, model_key: str, generation: int) -> dict[int, str]:
@@ -608,23 +663,20 @@ def _full_build(
         session.scalars(
             select(Image.id)
             .join(Embedding, and_(Embedding.image_id == Image.id, Embedding.model_key == model_key))
-            .where(
-                Image.is_live.is_(True),
-                Embedding.generation <= until,
-                Image.liveness_generation <= until,
-            )
+            .where(_live_at(until), Embedding.generation <= until)
             .order_by(Image.id)
         ),
         dtype=np.int64,
     )[:: max(1, sample_every)]
     for chunk in _chunks(ids.tolist(), batch_size):
-        yield _changes_of(session, model_key, chunk)
+        yield _changes_of(session, model_key, chunk, until)
 
 
-def _changes_of(session: Session, model_key: str, image_ids: Sequence[int]) -> IndexChanges:
-    """The index changes for these images: their vectors when live, their removal otherwise."""
+def _changes_of(session: Session, model_key: str, image_ids: Sequence[int], until: int) -> IndexChanges:
+    """The index changes for these images: their vectors when live at ``until``, their removal otherwise."""
+    live_at = case((_live_at(until), True), else_=False).label("is_live")
     rows = session.execute(
-        select(Image.id, Image.is_live, Embedding.num_vectors, Embedding.dim, Embedding.vectors)
+        select(Image.id, live_at, Embedding.num_vectors, Embedding.dim, Embedding.vectors)
         .join(Embedding, and_(Embedding.image_id == Image.id, Embedding.model_key == model_key))
         .where(Image.id.in_(image_ids))
         .order_by(Image.id)

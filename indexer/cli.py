@@ -39,6 +39,14 @@ def index(
     thumbnail_dir: Annotated[Path | None, typer.Option(help="Thumbnail folder.")] = None,
     thumbnail_size: Annotated[int | None, typer.Option(min=0, help="Thumbnail longer side; 0: none.")] = None,
     database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: settings).")] = None,
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed",
+            help="Also retry files that failed before and have not changed (after installing a decoder "
+            "or raising max_image_pixels).",
+        ),
+    ] = False,
 ) -> None:
     """Index photo folders: new and changed photos are embedded, moved ones keep their embedding,
     deleted ones leave the index. Safe to interrupt; the next run continues."""
@@ -46,6 +54,7 @@ def index(
 
     from blip2_search.cli import load_encoder, settings_with
     from catalog.db import make_engine, session_factory, upgrade
+    from catalog.paths import encode_path
     from indexer.index_sync import catch_up_index
     from indexer.report import RichProgress, render_summary
     from indexer.run import IndexOptions, default_workers, run_index
@@ -61,7 +70,7 @@ def index(
     console = Console(stderr=True)
     for p in paths:
         if not p.is_dir():
-            typer.secho(f"not a folder: {p}", fg=typer.colors.RED, err=True)
+            typer.secho(f"not a folder: {encode_path(p)}", fg=typer.colors.RED, err=True)
             raise typer.Exit(EXIT_USAGE)
 
     encoder = load_encoder(settings, caption=caption)  # exits 3 when a model is missing
@@ -79,6 +88,7 @@ def index(
         fast_jpeg=settings.fast_jpeg,
         max_pixels=settings.max_image_pixels,
         hash_threads=settings.index_hash_threads,
+        retry_failed=retry_failed,
     )
 
     stop = threading.Event()

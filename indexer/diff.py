@@ -7,6 +7,10 @@ crash) is testable without a database or a model.
 Path categories (what the summary counts) and content work (what the model does) are separate: a
 moved file is a new path with no model work; a file whose image lacks a caption is unchanged but
 has caption work.
+
+A file that failed before and has not changed (same size and mtime, and the same outcome where the
+scan looks again: empty, unreadable, not an image) is a *known failure*: reported again, not
+retried, not rewritten, so a quiet library with a few bad files stays quiet.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from catalog.paths import encode_path
 from indexer.scan import ScannedFile
 
 log = logging.getLogger(__name__)
@@ -31,6 +36,12 @@ class CatalogFile:
     mtime_ns: int
     sha256: str | None
     status: str  # "pending" | "indexed" | "failed" | "deleted"
+    error: str | None = None  # "<reason>: <message>" of a failed file
+
+
+# Failures the scan finds again on every run by reading the file's first bytes; any other failure is
+# the decoder's verdict on content that is still the same.
+SCAN_FAILURES = frozenset({"empty", "unreadable", "not_an_image"})
 
 
 @dataclass
@@ -53,6 +64,7 @@ class Failure:
     reason: str
     message: str
     sha256: str | None = None
+    known: bool = False  # failed the same way before, file unchanged: nothing is written
 
 
 @dataclass
@@ -69,12 +81,13 @@ class Plan:
     touch: list[tuple[ScannedFile, str]] = field(default_factory=list)
     work: list[WorkItem] = field(default_factory=list)
     failed: list[Failure] = field(default_factory=list)
+    known_failed: list[Failure] = field(default_factory=list)  # reported only
     deleted: list[tuple[Path, str]] = field(default_factory=list)  # (root, rel)
     deleted_count: int = 0  # gone paths whose content did not reappear elsewhere
 
     @property
     def is_empty(self) -> bool:
-        """Nothing to write: every file is known, unchanged and indexed."""
+        """Nothing to write: every file is known and unchanged (indexed, or a known failure)."""
         return not (self.link or self.touch or self.work or self.failed or self.deleted)
 
     @property
@@ -84,6 +97,20 @@ class Plan:
     @property
     def files_to_process(self) -> int:
         return sum(len(w.files) for w in self.work)
+
+
+def _known_failure(f: ScannedFile, old: CatalogFile | None) -> Failure | None:
+    """The stored failure of ``f`` when it is unchanged and would fail the same way again, else None."""
+    if old is None or old.status != "failed" or (f.size, f.mtime_ns) != (old.size, old.mtime_ns):
+        return None
+    reason, _, message = (old.error or "unknown: ").partition(": ")
+    if f.error is not None:
+        same = f.error == reason
+    elif f.not_an_image:
+        same = reason == "not_an_image"
+    else:  # an image by its first bytes: the decoder would see the same bytes again
+        same = reason not in SCAN_FAILURES
+    return Failure(f, reason, message, old.sha256, known=True) if same else None
 
 
 def _needs_hash(f: ScannedFile, old: CatalogFile | None) -> bool:
@@ -121,21 +148,34 @@ def make_plan(
     captioned: Callable[[set[str]], set[str]] | None = None,
     hasher: Callable[[Path], str],
     hash_threads: int = 4,
+    retry_failed: bool = False,
 ) -> Plan:
     """Compare the files on disk with the catalog, root by root.
 
     Args:
         scanned: files found under each root (``scan.scan_root``).
-        catalog: the catalog's files of each root, by relative path (deleted rows included).
+        catalog: the catalog's files of each root that the scan covered, by relative path (deleted
+            rows included); a covered row whose path was not scanned is deleted.
         embedded: given hashes, those whose image already has an embedding for the current model.
         captioned: given hashes, those already captioned; ``None`` when captions are not wanted.
         hasher: sha256 of a file's content.
+        retry_failed: process known failures again (after installing a decoder, raising a limit).
     """
     plan = Plan()
+    known_failures: dict[tuple[Path, str], Failure] = {}
+    if not retry_failed:
+        for root, files in scanned.items():
+            old_files = catalog.get(root, {})
+            for f in files:
+                if (known := _known_failure(f, old_files.get(f.rel))) is not None:
+                    known_failures[root, f.rel] = known
+    plan.known_failed = list(known_failures.values())
     to_hash: list[ScannedFile] = []
     for root, files in scanned.items():
         old_files = catalog.get(root, {})
         for f in files:
+            if (root, f.rel) in known_failures:
+                continue
             if f.error is None and not f.not_an_image and _needs_hash(f, old_files.get(f.rel)):
                 to_hash.append(f)
     hashes = hash_files(to_hash, hasher, hash_threads)
@@ -155,19 +195,22 @@ def make_plan(
     for root, files in scanned.items():
         old_files = catalog.get(root, {})
         for f in files:
+            if (root, f.rel) in known_failures:
+                continue
             old = old_files.get(f.rel)
+            where = encode_path(f.path)
             if f.error is not None:
-                plan.failed.append(Failure(f, f.error, f"{f.path}: {f.error}"))
+                plan.failed.append(Failure(f, f.error, f"{where}: {f.error}"))
                 continue
             if f.not_an_image:
                 plan.failed.append(
-                    Failure(f, "not_an_image", f"{f.path}: content is not a known image format")
+                    Failure(f, "not_an_image", f"{where}: content is not a known image format")
                 )
                 continue
             if _needs_hash(f, old):
                 h = hashes.get(str(f.path))
                 if isinstance(h, BaseException) or h is None:
-                    plan.failed.append(Failure(f, "unreadable", f"{f.path}: {h}"))
+                    plan.failed.append(Failure(f, "unreadable", f"{where}: {h}"))
                     continue
                 sha = h
             else:
@@ -194,9 +237,8 @@ def make_plan(
 
         needs_embed = sha not in have_embedding
         needs_caption = have_caption is not None and sha not in have_caption
-        # A failed path is retried whatever its stat says (its content has no embedding, so it lands
-        # here): failures are few, and the cause (a permission, a half-copied file) is often fixed
-        # without touching the mtime.
+        # A failed path that is not a known failure (changed, readable again, or --retry-failed) lands
+        # here: its content has no embedding.
         if needs_embed or needs_caption:
             item = work.get(sha)
             if item is None:

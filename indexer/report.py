@@ -66,6 +66,19 @@ class RichProgress(ProgressSink):
             self._progress = None
 
 
+def _list(console: Console, title: str, columns: list[str], rows: list[tuple[str, ...]], limit: int) -> None:
+    if not rows:
+        return
+    table = Table(title=f"{title} ({len(rows)})")
+    for i, name in enumerate(columns):
+        table.add_column(name, overflow="fold" if i == 0 else "ellipsis")
+    for row in rows[:limit]:
+        table.add_row(*(Text(cell) for cell in row))  # Text: a "[...]" in a file name is not markup
+    if len(rows) > limit:
+        table.add_row(f"... and {len(rows) - limit} more", *[""] * (len(columns) - 1))
+    console.print(table)
+
+
 def render_summary(console: Console, summary: RunSummary, max_failures: int = 50) -> None:
     title = "dry run: nothing written" if summary.dry_run else "index run"
     if summary.interrupted:
@@ -88,15 +101,26 @@ def render_summary(console: Console, summary: RunSummary, max_failures: int = 50
         rows += [("seconds", f"{summary.seconds:.1f}"), ("images/s", f"{summary.images_per_second:.1f}")]
         if summary.generation is not None:
             rows.append(("generation", summary.generation))
+    if summary.warnings:
+        rows.append(("warnings", len(summary.warnings)))
     for name, value in rows:
         table.add_row(name, str(value))
     console.print(table)
-    if summary.failures:
-        failed = Table(title=f"failed files ({len(summary.failures)})")
-        failed.add_column("file", overflow="fold")
-        failed.add_column("reason")
-        for f in summary.failures[:max_failures]:
-            failed.add_row(f.path, f.reason)
-        if len(summary.failures) > max_failures:
-            failed.add_row(f"... and {len(summary.failures) - max_failures} more", "")
-        console.print(failed)
+    # Paths and messages are already text forms (catalog.paths); markup=False keeps "[...]" literal.
+    for note in summary.notes:
+        console.print(note, markup=False, highlight=False)
+    known = sum(1 for f in summary.failures if f.known)
+    _list(
+        console,
+        "failed files" + (f", {known} known from earlier runs (unchanged; --retry-failed)" if known else ""),
+        ["file", "reason", ""],
+        [(f.path, f.reason, "known" if f.known else "new") for f in summary.failures],
+        max_failures,
+    )
+    _list(
+        console,
+        "not indexed (scan warnings)",
+        ["path", "reason"],
+        [(w.path, w.reason) for w in summary.warnings],
+        max_failures,
+    )

@@ -28,13 +28,15 @@ from blip2_embed.images import normalise
 from catalog import repository as repo
 from catalog.model_inputs import ModelInputStore
 from catalog.models import FileStatus
+from catalog.paths import encode_path, safe_text
 from catalog.thumbnails import ThumbnailStore
 from indexer import store
 from indexer.backfill import backfill_model_inputs
 from indexer.decode import DecodeConfig, Decoded, DecodeFailure
-from indexer.diff import Failure, Plan, WorkItem, make_plan
+from indexer.diff import CatalogFile, Failure, Plan, WorkItem, make_plan
 from indexer.pipeline import DecodePool, Timings, WriterThread, run_model
-from indexer.scan import ScannedFile, scan_root
+from indexer.roots import RootScope, is_under, plan_roots
+from indexer.scan import ScannedFile, ScanProblem, scan_root
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +77,34 @@ class IndexOptions:
     fast_jpeg: bool = True
     max_pixels: int = 178_956_970
     hash_threads: int = 4
+    retry_failed: bool = False  # process known failures (unchanged files that failed before) again
 
 
 @dataclass
 class FailedFile:
+    """A file that failed; ``path`` and ``message`` in the text form of ``catalog.paths``."""
+
     path: str
     reason: str
     message: str
+    known: bool = False  # failed the same way in an earlier run and unchanged since: not retried
+
+    @classmethod
+    def of(cls, failure: Failure) -> FailedFile:
+        return cls(encode_path(failure.file.path), failure.reason, safe_text(failure.message), failure.known)
+
+
+@dataclass
+class ScanWarning:
+    """What the scan could not look into (a dangling symlink, a folder it cannot read); not stored."""
+
+    path: str
+    reason: str
+    message: str
+
+    @classmethod
+    def of(cls, problem: ScanProblem) -> ScanWarning:
+        return cls(encode_path(problem.root / problem.rel), problem.reason, safe_text(problem.message))
 
 
 @dataclass
@@ -103,6 +126,8 @@ class RunSummary:
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     failures: list[FailedFile] = field(default_factory=list)
+    warnings: list[ScanWarning] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how the folders asked for map onto library roots
 
     @property
     def images_per_second(self) -> float:
@@ -111,6 +136,8 @@ class RunSummary:
     def as_dict(self) -> dict:
         out = dict(self.__dict__)
         out["failures"] = [f.__dict__ for f in self.failures]
+        out["warnings"] = [w.__dict__ for w in self.warnings]
+        out["notes"] = list(self.notes)
         out["images_per_second"] = round(self.images_per_second, 2)
         out["seconds"] = round(self.seconds, 3)
         return out
@@ -175,11 +202,12 @@ class Indexer:
         for root in roots:
             if not root.is_dir():
                 # Never diff a missing root: an unmounted drive would look like every photo deleted.
-                raise FileNotFoundError(f"not a folder: {root}")
-        summary = RunSummary(roots=[str(r) for r in roots], dry_run=self.options.dry_run)
+                raise FileNotFoundError(f"not a folder: {encode_path(root)}")
+        summary = RunSummary(roots=[encode_path(r) for r in roots], dry_run=self.options.dry_run)
         with self.sessions() as session:
-            root_ids = self._root_ids(session, roots)
-            plan = self._plan(session, roots, root_ids)
+            scopes = self._scopes(session, roots, summary)
+            root_ids = {scope.root: scope.root_id for scope in scopes}
+            plan = self._plan(session, scopes, summary)
             self._count(summary, plan)
             if self.options.dry_run:
                 session.rollback()
@@ -209,17 +237,22 @@ class Indexer:
         summary.timings = self.timings.as_dict()
         return summary
 
-    def _root_ids(self, session: Session, roots: list[Path]) -> dict[Path, int]:
-        if self.options.dry_run:
-            known = {path: i for i, path in repo.list_roots(session).items()}
-            return {r: known.get(r, -1) for r in roots}
-        return {r: repo.get_or_create_root(session, r) for r in roots}
+    def _scopes(self, session: Session, roots: list[Path], summary: RunSummary) -> list[RootScope]:
+        """The library roots this run scans, and which parts of them (``indexer.roots``)."""
+        scopes, summary.notes = plan_roots(roots, repo.list_roots(session))
+        for scope in scopes:
+            if scope.root_id is None:  # a new root; a dry run creates nothing
+                scope.root_id = -1 if self.options.dry_run else repo.get_or_create_root(session, scope.root)
+        return scopes
 
-    def _plan(self, session: Session, roots: list[Path], root_ids: dict[Path, int]) -> Plan:
-        views = {root: store.catalog_view(session, root_ids[root]) for root in roots}
+    def _plan(self, session: Session, scopes: list[RootScope], summary: RunSummary) -> Plan:
+        from blip2_embed.images import sniff_format
+        from indexer.decode import sha256_file
+
+        views: dict[Path, dict[str, CatalogFile]] = {}
         scanned: dict[Path, list[ScannedFile]] = {}
-        for root in roots:
-            view = views[root]
+        for scope in scopes:
+            view = store.catalog_view(session, scope.root_id)
 
             def known(rel: str, size: int, mtime_ns: int, view=view) -> bool:
                 old = view.get(rel)
@@ -229,13 +262,27 @@ class Indexer:
                     and (old.size, old.mtime_ns) == (size, mtime_ns)
                 )
 
-            from blip2_embed.images import sniff_format
-
-            scanned[root] = list(
-                scan_root(root, include_hidden=self.options.include_hidden, known=known, sniff=sniff_format)
+            problems: list[ScanProblem] = []
+            scanned[scope.root] = list(
+                scan_root(
+                    scope.root,
+                    include_hidden=self.options.include_hidden,
+                    known=known,
+                    sniff=sniff_format,
+                    folders=scope.folders,
+                    excluded=scope.excluded,
+                    problems=problems,
+                )
             )
-        from indexer.decode import sha256_file
-
+            summary.warnings += [ScanWarning.of(p) for p in problems]
+            # The rows this scan speaks for: those it could have seen. Rows outside the folders asked
+            # for, in nested roots, or under a folder it could not read are neither checked nor deleted.
+            unseen = [p.rel for p in problems if p.keeps_rows]
+            views[scope.root] = {
+                rel: row
+                for rel, row in view.items()
+                if scope.covers(rel) and not any(is_under(rel, u) for u in unseen)
+            }
         return make_plan(
             scanned,
             views,
@@ -247,6 +294,7 @@ class Indexer:
             ),
             hasher=sha256_file,
             hash_threads=self.options.hash_threads,
+            retry_failed=self.options.retry_failed,
         )
 
     @property
@@ -258,8 +306,7 @@ class Indexer:
         summary.new, summary.changed, summary.unchanged = plan.new, plan.changed, plan.unchanged
         summary.moved, summary.deleted = plan.moved, plan.deleted_count
         summary.to_embed = plan.images_to_embed
-        for fl in plan.failed:
-            summary.failures.append(FailedFile(str(fl.file.path), fl.reason, fl.message))
+        summary.failures += [FailedFile.of(fl) for fl in plan.failed + plan.known_failed]
         summary.failed = len(summary.failures)
 
     def _record_plan(self, session: Session, roots: store.RootIds, plan: Plan, generation: int) -> None:
@@ -320,7 +367,7 @@ class Indexer:
                     if isinstance(result, DecodeFailure):
                         for f in item.files:
                             failures.append(Failure(f, result.reason, result.message, result.sha256))
-                            summary.failures.append(FailedFile(str(f.path), result.reason, result.message))
+                            summary.failures.append(FailedFile.of(failures[-1]))
                         summary.failed = len(summary.failures)
                         self.progress.advance(1, summary)
                         continue

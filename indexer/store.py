@@ -38,6 +38,7 @@ def catalog_view(session: Session, root_id: int) -> dict[str, CatalogFile]:
             s.mtime_ns,
             hashes.get(s.image_id) if s.image_id is not None else None,
             FileStatus(s.status).value,
+            s.error,
         )
         for rel, s in states.items()
     }

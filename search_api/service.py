@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from catalog.paths import encode_path
 from search_api.deps import AppState
 from search_api.index_watcher import IndexHandle
 from search_api.inference import ScoreResult
@@ -189,7 +190,7 @@ async def rank_and_page(
         out_hits.append(
             SearchHit(
                 image_id=c.image_id,
-                path=str(info.paths[0]) if info.paths else None,
+                path=encode_path(info.paths[0]) if info.paths else None,
                 thumbnail_url=thumb,
                 original_url=orig,
                 width=info.width,

@@ -127,6 +127,35 @@ def test_stale_index_is_caught_up_and_equals_a_fresh_build(catalog_engine: Engin
     assert_same(MultiVectorIndex.load(path)[0], fresh)  # and the caught-up file was saved
 
 
+def test_build_and_catch_up_while_a_run_is_open_equal_the_published_generation(
+    catalog_engine: Engine, tmp_path: Path
+) -> None:
+    """Only one generation is open at a time; images it changed are read as they were at the
+    published one, so a build (or a catch-up) then is exactly the index of the published generation."""
+    lib = Library(catalog_engine, tmp_path / "photos")
+    lib.run(add={"a.jpg": 1, "b.jpg": 2, "c.jpg": 3, "d.jpg": 4})
+    path = tmp_path / "m.mvidx"
+    older = open_vector_index(catalog_engine, MODEL, path, FLAT)
+    published = lib.run(add={"e.jpg": 5, "c2.jpg": 3}, delete=["d.jpg", "c.jpg"])
+    reference = build_from_catalog(catalog_engine, MODEL, FLAT)  # nothing open: the plain case
+    assert reference.generation == published and sorted(reference.ids().tolist()) == sorted(lib.live_ids())
+
+    # The next run, committed but not published, in the indexer's order (deletions first): a.jpg moves
+    # (leaves and comes back live), b.jpg and e.jpg go, d.jpg comes back, f.jpg is new.
+    lib.run(delete=["a.jpg", "b.jpg", "e.jpg"], publish=False)
+    lib.run(add={"moved/a.jpg": 1, "d-again.jpg": 4, "f.jpg": 6}, publish=False)
+    with Session(catalog_engine) as s:
+        state = repo.generation_state(s)
+    assert state.open_generation == published + 1 and state.published_generation == published
+
+    rebuilt = build_from_catalog(catalog_engine, MODEL, FLAT)
+    assert rebuilt.generation == published
+    assert_same(rebuilt, reference)
+    assert catch_up(older, catalog_engine, MODEL) > 0
+    assert older.generation == published
+    assert_same(older, reference)
+
+
 def test_unusable_files_are_rebuilt(catalog_engine: Engine, tmp_path: Path) -> None:
     lib = Library(catalog_engine, tmp_path / "photos")
     lib.run(add={f"{i}.jpg": i for i in range(5)})

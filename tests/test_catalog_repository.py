@@ -91,7 +91,7 @@ def test_files_round_trip_for_diffing(session: Session, tmp_path: Path) -> None:
     state = repo.files_under_root(session, root)
     assert state == {
         "x.jpg": repo.FileState(5, 111, FileStatus.INDEXED, image),
-        "bad.jpg": repo.FileState(7, 222, FileStatus.FAILED, None),
+        "bad.jpg": repo.FileState(7, 222, FileStatus.FAILED, None, "not_an_image: no decoder"),
         "new.jpg": repo.FileState(9, 333, FileStatus.PENDING, None),
     }
     # An upsert overwrites the row of the same path (a changed file).

@@ -34,7 +34,7 @@ def test_db_upgrade_current_and_check(run, tmp_path) -> None:
     up = run("db", "upgrade", "--database-url", url)
     assert up.exit_code == 0, up.output
     current = run("db", "current", "--database-url", url)
-    assert current.exit_code == 0 and current.output.strip() == "0001"
+    assert current.exit_code == 0 and current.output.strip() == "0002"  # the newest revision
     check = run("db", "check", "--database-url", url)
     assert check.exit_code == 0 and "matches the models" in check.output
 

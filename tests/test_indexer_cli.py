@@ -117,6 +117,13 @@ def test_cli_json_dry_run_and_exit_codes(cli, encoder, tmp_path: Path) -> None:
 
     human = cli(str(lib))  # the Rich summary
     assert human.exit_code == 0 and "unchanged" in human.output
+    retry = cli(str(lib / "d0"), "--json", "--retry-failed")  # a folder inside the root: part of it
+    assert retry.exit_code == 0, retry.output
+    part = json.loads(retry.stdout.strip().splitlines()[-1])
+    assert (part["unchanged"], part["deleted"], part["warnings"]) == ((N_IMAGES + 1) // 2, 0, [])
+    assert part["notes"] == [
+        f"{lib.resolve() / 'd0'}: inside library root {lib.resolve()}; indexed as part of it (d0/)"
+    ]
 
     # One writer at a time: a second indexer on the same data folder refuses to start.
     with open(tmp_path / "data" / "indexer.lock", "a+") as held:

@@ -108,11 +108,11 @@ class CountingEncoder:
 class Env:
     """One data dir: catalog, index folder, thumbnails; ``index()`` runs the indexer like the CLI does."""
 
-    def __init__(self, tmp: Path, encoder) -> None:
+    def __init__(self, tmp: Path, encoder, url: str | None = None) -> None:
         self.tmp = tmp
         self.lib = tmp / "lib"
         self.lib.mkdir()
-        url = f"sqlite:///{tmp / 'catalog.db'}"
+        url = url or f"sqlite:///{tmp / 'catalog.db'}"
         upgrade(url)
         self.engine = make_engine(url)
         self.sessions = session_factory(self.engine)
@@ -139,3 +139,32 @@ class Env:
 
     def dump(self):
         return dump(self.engine, self.encoder.retrieval_key, self.index_dir)
+
+
+class NulCaptions(CountingEncoder):
+    """The real encoder, with its caption model made to emit NUL every other token (through a
+    ``generate`` logits processor), as a real caption model can."""
+
+    def __init__(self, encoder) -> None:
+        super().__init__(encoder)
+        import torch
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        tok = encoder.caption_tokenizer
+        (nul,) = tok("\x00", add_special_tokens=False)["input_ids"]
+        eos = tok.eos_token_id
+
+        class EveryOtherNul(LogitsProcessor):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+                scores = scores.clone()
+                if input_ids.shape[1] % 2 == 0:
+                    scores[:] = -1e9
+                    scores[:, nul] = 0.0
+                else:
+                    scores[:, eos] = -1e9  # keep going, so the caption has words between the NULs
+                return scores
+
+        self.processors = LogitsProcessorList([EveryOtherNul()])
+
+    def caption(self, images, *args, **kwargs):
+        return super().caption(images, *args, logits_processor=self.processors, **kwargs)

@@ -8,6 +8,7 @@ from fastapi.responses import FileResponse, Response
 
 from blip2_embed.images import SNIFF_BYTES, sniff_format
 from blip2_search.settings import Settings
+from catalog.paths import encode_path
 from search_api.deps import State, require_reader
 from search_api.errors import ApiError
 from search_api.routes.common import IdPath, problems
@@ -36,7 +37,8 @@ def build(settings: Settings) -> APIRouter:
         files = []
         for p in info.paths:
             root = next((r for r in roots.values() if p.is_relative_to(r)), p.parent)
-            files.append(FileRef(root=str(root), relative_path=p.relative_to(root).as_posix(), path=str(p)))
+            rel = p.relative_to(root).as_posix()
+            files.append(FileRef(root=encode_path(root), relative_path=encode_path(rel), path=encode_path(p)))
         caption = None
         if state.has_captions:
             caps = await asyncio.to_thread(
@@ -45,7 +47,7 @@ def build(settings: Settings) -> APIRouter:
             caption = caps.get(image_id)
         thumb, orig = image_urls(image_id)
         return ImageDetail(
-            image_id=image_id, path=str(info.paths[0]), thumbnail_url=thumb, original_url=orig,
+            image_id=image_id, path=encode_path(info.paths[0]), thumbnail_url=thumb, original_url=orig,
             width=info.width, height=info.height, captured_at=info.captured_at, sha256=info.sha256,
             byte_size=info.byte_size, camera_make=info.camera_make, camera_model=info.camera_model,
             files=files, caption=caption,
@@ -79,7 +81,7 @@ def build(settings: Settings) -> APIRouter:
         media = _MEDIA_TYPES.get(sniff_format(head) or "") or mimetypes.guess_type(path.name)[0]
         return FileResponse(
             path, media_type=media or "application/octet-stream", headers=_CACHE,
-            content_disposition_type="inline", filename=path.name,
+            content_disposition_type="inline", filename=encode_path(path.name),
         )  # fmt: skip
 
     return router
