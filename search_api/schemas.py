@@ -1,15 +1,16 @@
 """Request and response bodies of the HTTP API (what the OpenAPI schema documents)."""
 
-from __future__ import annotations
-
 import datetime as dt
+from dataclasses import dataclass
+from functools import cache
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 
-# Ids beyond 2**53 are not exact in JavaScript and beyond 2**63 overflow SQL integers; refuse them early.
-MAX_ID = 2**53
-ImageId = Annotated[int, Field(ge=1, le=MAX_ID)]
+from search_api.validation import JsonImageId, NewTokens, text_type
+
+# One /embed/text call takes at most this many texts.
+MAX_TEXTS = 64
 
 
 class Problem(BaseModel):
@@ -80,11 +81,6 @@ class SearchResponse(BaseModel):
     )
 
 
-class RerankRequest(BaseModel):
-    text: str = Field(max_length=4000, description="The text every candidate is matched against.")
-    image_ids: list[ImageId] = Field(description="Catalog image ids.")
-
-
 class RerankItem(BaseModel):
     rank: int
     image_id: int | None = Field(None, description="Catalog id, for catalog candidates.")
@@ -101,14 +97,6 @@ class RerankResponse(BaseModel):
     timings_ms: dict[str, float]
 
 
-class CaptionRequest(BaseModel):
-    image_id: ImageId
-    prompt: str | None = Field(
-        None, max_length=4000, description='Instruction, e.g. "Question: what is this? Answer:".'
-    )
-    max_new_tokens: int | None = Field(None, ge=1, le=128)
-
-
 class CaptionResponse(BaseModel):
     image_id: int | None = None
     prompt: str | None = None
@@ -116,10 +104,6 @@ class CaptionResponse(BaseModel):
     cached: bool = Field(description="True when the text came from the catalog's caption cache.")
     model_key: str
     timings_ms: dict[str, float]
-
-
-class EmbedTextRequest(BaseModel):
-    texts: list[str] = Field(min_length=1, max_length=64)
 
 
 class EmbedTextResponse(BaseModel):
@@ -150,3 +134,41 @@ class Readiness(BaseModel):
     indexed_images: int
     inference_queue: int
     detail: str | None = None
+
+
+# ------------------------------------------------------------------ request bodies
+class _Body(BaseModel):
+    # A misspelt field (``max_tokens`` for ``max_new_tokens``) is refused, never silently defaulted.
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    rerank: type[BaseModel]
+    caption: type[BaseModel]
+    embed_text: type[BaseModel]
+
+
+@cache
+def request_models(max_chars: int) -> RequestModels:
+    """The JSON request bodies for texts of at most ``max_chars`` characters (``max_query_chars``)."""
+    Text = text_type(max_chars)
+    Prompt = text_type(max_chars, optional=True)
+
+    class RerankRequest(_Body):
+        text: Text = Field(description="The text every candidate is matched against.")
+        image_ids: list[JsonImageId] = Field(description="Catalog image ids.")
+
+    class CaptionRequest(_Body):
+        image_id: JsonImageId
+        prompt: Prompt | None = Field(
+            None, description='Instruction, e.g. "Question: what is this? Answer:".'
+        )
+        max_new_tokens: Annotated[NewTokens, Strict()] | None = Field(
+            None, description="Tokens to generate (default: the server's caption_max_new_tokens)."
+        )
+
+    class EmbedTextRequest(_Body):
+        texts: list[Text] = Field(min_length=1, max_length=MAX_TEXTS)
+
+    return RequestModels(RerankRequest, CaptionRequest, EmbedTextRequest)

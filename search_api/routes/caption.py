@@ -3,16 +3,17 @@
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 
 from blip2_embed.images import preprocess
 from blip2_search.settings import Settings
-from search_api.deps import AppState, State, require_reader
+from search_api.deps import AppState, State
 from search_api.errors import ApiError
 from search_api.media import decode_upload, read_upload
-from search_api.routes.common import clean_text, problems
-from search_api.schemas import CaptionRequest, CaptionResponse
+from search_api.routes.common import api_router, problems
+from search_api.schemas import CaptionResponse, request_models
 from search_api.service import Timer
+from search_api.validation import NewTokens, text_type
 
 
 def _need_captions(state: AppState) -> str:
@@ -21,24 +22,18 @@ def _need_captions(state: AppState) -> str:
     return state.encoder.caption_key or ""
 
 
-def _tokens(value: int | None, settings: Settings) -> int:
-    if value is None:
-        return settings.caption_max_new_tokens
-    if not 1 <= value <= 128:
-        raise ApiError(422, "max_new_tokens must be between 1 and 128", code="bad-max-new-tokens")
-    return value
-
-
 def build(settings: Settings) -> APIRouter:
-    router = APIRouter(prefix="/api/caption", tags=["caption"], dependencies=[Depends(require_reader)])
+    router = api_router("/api/caption", ["caption"])
+    CaptionRequest = request_models(settings.max_query_chars).caption
+    Prompt = text_type(settings.max_query_chars, optional=True)
 
     @router.post("", response_model=CaptionResponse, responses=problems(401, 404, 409, 422))
     async def caption_image(state: State, body: CaptionRequest) -> CaptionResponse:
         """Caption a catalog image, or answer ``prompt`` about it. Default-length results are cached."""
         key = _need_captions(state)
         timer = Timer(state)
-        prompt = clean_text(body.prompt, settings.max_query_chars, "prompt", required=False)
-        tokens = _tokens(body.max_new_tokens, settings)
+        prompt = body.prompt
+        tokens = body.max_new_tokens or settings.caption_max_new_tokens
         # The cache key is (image, model, prompt); only default-length generations are stored under it.
         cacheable = tokens == settings.caption_max_new_tokens
         if cacheable:
@@ -77,24 +72,23 @@ def build(settings: Settings) -> APIRouter:
     async def caption_upload(
         state: State,
         file: Annotated[UploadFile, File(description="The image.")],
-        prompt: Annotated[str | None, Form(max_length=settings.max_query_chars * 4)] = None,
-        max_new_tokens: Annotated[int | None, Form()] = None,
+        prompt: Annotated[Prompt | None, Form(description="Instruction (optional).")] = None,
+        max_new_tokens: Annotated[NewTokens | None, Form(description="Tokens to generate.")] = None,
     ) -> CaptionResponse:
         """Caption an uploaded image, or answer ``prompt`` about it (never cached)."""
         key = _need_captions(state)
         timer = Timer(state)
-        clean = clean_text(prompt, settings.max_query_chars, "prompt", required=False)
-        tokens = _tokens(max_new_tokens, settings)
+        tokens = max_new_tokens or settings.caption_max_new_tokens
         with timer.stage("decode_upload"):
             data = await read_upload(file, settings.max_upload_bytes)
             image = await asyncio.to_thread(decode_upload, data, settings.max_upload_pixels)
             pixels = await asyncio.to_thread(preprocess, [image], state.encoder.spec)
         with timer.stage("captions"):
             res = await state.worker.score(
-                pixels, None, caption_rows=[0], prompt=clean, max_new_tokens=tokens
+                pixels, None, caption_rows=[0], prompt=prompt, max_new_tokens=tokens
             )
         return CaptionResponse(
-            prompt=clean, text=res.captions.get(0, ""), cached=False, model_key=key, timings_ms=timer.done()
+            prompt=prompt, text=res.captions.get(0, ""), cached=False, model_key=key, timings_ms=timer.done()
         )
 
     return router

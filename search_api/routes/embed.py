@@ -3,29 +3,25 @@
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, UploadFile
+from fastapi import APIRouter, File, UploadFile
 
 from blip2_embed.images import preprocess
 from blip2_search.settings import Settings
-from search_api.deps import State, require_reader
+from search_api.deps import State
 from search_api.errors import ApiError
 from search_api.media import decode_upload, read_upload
-from search_api.routes.common import IdPath, clean_text, problems
-from search_api.schemas import EmbedImageResponse, EmbedTextRequest, EmbedTextResponse
-
-MAX_TEXTS = 64
+from search_api.routes.common import IdPath, api_router, problems
+from search_api.schemas import EmbedImageResponse, EmbedTextResponse, request_models
 
 
 def build(settings: Settings) -> APIRouter:
-    router = APIRouter(prefix="/api/embed", tags=["embeddings"], dependencies=[Depends(require_reader)])
+    router = api_router("/api/embed", ["embeddings"])
+    EmbedTextRequest = request_models(settings.max_query_chars).embed_text
 
     @router.post("/text", response_model=EmbedTextResponse, responses=problems(401, 422))
     async def embed_text(state: State, body: EmbedTextRequest) -> EmbedTextResponse:
         """ITC text embeddings (L2-normalised), one per text; at most 64 texts."""
-        if not body.texts or len(body.texts) > MAX_TEXTS:
-            raise ApiError(422, f"give 1 to {MAX_TEXTS} texts", code="bad-texts")
-        texts = [clean_text(t, settings.max_query_chars, f"texts[{i}]") for i, t in enumerate(body.texts)]
-        vecs, truncated = await state.worker.embed_texts(texts)
+        vecs, truncated = await state.worker.embed_texts(body.texts)
         return EmbedTextResponse(
             model_key=state.encoder.retrieval_key or "",
             dim=state.encoder.embed_dim,
