@@ -97,6 +97,8 @@ def create_app(settings: Settings, *, encoder: Blip2Encoder | None = None) -> Fa
         # cannot serve; the schema itself stays at /openapi.json.
         docs_url=None,
         redoc_url=None,
+        # An API answers the path it was asked: "/api/images/" is no route (404), not a 307 elsewhere.
+        redirect_slashes=False,
     )
     app.state.blip2 = None
     install_error_handlers(app)

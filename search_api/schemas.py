@@ -3,14 +3,16 @@
 import datetime as dt
 from dataclasses import dataclass
 from functools import cache
-from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from fastapi import UploadFile
+from pydantic import BaseModel, ConfigDict, Field
 
-from search_api.validation import JsonImageId, NewTokens, text_type
+from blip2_search.settings import Settings
+from search_api.validation import ImageId, JsonImageId, JsonNewTokens, NewTokens, int_type, text_type
 
-# One /embed/text call takes at most this many texts.
+# One /embed/text call takes at most this many texts; no page starts past this offset.
 MAX_TEXTS = 64
+MAX_OFFSET = 10_000
 
 
 class Problem(BaseModel):
@@ -143,32 +145,72 @@ class _Body(BaseModel):
 
 
 @dataclass(frozen=True)
+class Limits:
+    """The settings the request bodies depend on (hashable: each set of models is built once)."""
+
+    max_chars: int
+    max_k: int
+    max_caption_hits: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> "Limits":
+        return cls(settings.max_query_chars, settings.max_k, settings.max_caption_hits)
+
+
+@dataclass(frozen=True)
 class RequestModels:
+    """JSON bodies (``rerank``, ``caption``, ``embed_text``) and multipart forms (the ``*_upload``)."""
+
     rerank: type[BaseModel]
     caption: type[BaseModel]
     embed_text: type[BaseModel]
+    search_upload: type[BaseModel]
+    rerank_upload: type[BaseModel]
+    caption_upload: type[BaseModel]
+    embed_upload: type[BaseModel]
 
 
 @cache
-def request_models(max_chars: int) -> RequestModels:
-    """The JSON request bodies for texts of at most ``max_chars`` characters (``max_query_chars``)."""
-    Text = text_type(max_chars)
-    Prompt = text_type(max_chars, optional=True)
+def request_models(limits: Limits) -> RequestModels:
+    """Every request body, with texts of at most ``max_query_chars`` characters."""
+    Text = text_type(limits.max_chars)
+    Prompt = text_type(limits.max_chars, optional=True)
+    prompt_doc = 'Instruction, e.g. "Question: what is this? Answer:".'
+    tokens_doc = "Tokens to generate (default: the server's caption_max_new_tokens)."
+    match_doc = "The text every candidate is matched against."
 
     class RerankRequest(_Body):
-        text: Text = Field(description="The text every candidate is matched against.")
+        text: Text = Field(description=match_doc)
         image_ids: list[JsonImageId] = Field(description="Catalog image ids.")
 
     class CaptionRequest(_Body):
         image_id: JsonImageId
-        prompt: Prompt | None = Field(
-            None, description='Instruction, e.g. "Question: what is this? Answer:".'
-        )
-        max_new_tokens: Annotated[NewTokens, Strict()] | None = Field(
-            None, description="Tokens to generate (default: the server's caption_max_new_tokens)."
-        )
+        prompt: Prompt | None = Field(None, description=prompt_doc)
+        max_new_tokens: JsonNewTokens | None = Field(None, description=tokens_doc)
 
     class EmbedTextRequest(_Body):
         texts: list[Text] = Field(min_length=1, max_length=MAX_TEXTS)
 
-    return RequestModels(RerankRequest, CaptionRequest, EmbedTextRequest)
+    class SearchUploadForm(_Body):
+        file: UploadFile = Field(description="The query image.")
+        k: int_type(1, limits.max_k) = Field(20, description="Hits per page.")
+        offset: int_type(0, MAX_OFFSET) = Field(0, description="Hits to skip (pagination).")
+        captions: int_type(0, limits.max_caption_hits) = Field(0, description="Caption this many top hits.")
+
+    class RerankUploadForm(_Body):
+        text: Text = Field(description=match_doc)
+        files: list[UploadFile] | None = Field(None, description="Candidate images.")
+        image_ids: list[ImageId] | None = Field(None, description="Catalog candidates.")
+
+    class CaptionUploadForm(_Body):
+        file: UploadFile = Field(description="The image.")
+        prompt: Prompt | None = Field(None, description=prompt_doc)
+        max_new_tokens: NewTokens | None = Field(None, description=tokens_doc)
+
+    class EmbedUploadForm(_Body):
+        file: UploadFile = Field(description="The image.")
+
+    return RequestModels(
+        RerankRequest, CaptionRequest, EmbedTextRequest, SearchUploadForm, RerankUploadForm,
+        CaptionUploadForm, EmbedUploadForm,
+    )  # fmt: skip

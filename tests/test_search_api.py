@@ -270,6 +270,8 @@ def test_images_by_id(client: TestClient, catalog: Settings) -> None:
         ({"q": "a", "k": 0}, 422),
         ({"q": "a", "k": 101}, 422),
         ({"q": "a", "k": "many"}, 422),
+        ({"q": "a", "k": "1.0"}, 422),
+        ({"q": "a", "offset": " 1"}, 422),
         ({"q": "a", "rerank": -1}, 422),
         ({"q": "a", "rerank": 129}, 422),
         ({"q": "a", "captions": 17}, 422),
@@ -291,6 +293,7 @@ def test_unknown_ids(client: TestClient) -> None:
     assert_problem(client.get("/api/images/0"), 422)
     assert_problem(client.get("/api/images/99999999999999999999999"), 422)
     assert_problem(client.get("/api/images/-1/original"), 422)
+    assert_problem(client.get("/api/images/", follow_redirects=False), 404)  # no id: no route, no redirect
 
 
 @pytest.mark.parametrize(
@@ -552,7 +555,7 @@ ID_FIELDS = {
     "json rerank": lambda c, v: raw_json(c, "/api/rerank", {"text": "a", "image_ids": [v]}),
     "form rerank": lambda c, v: raw_form(c, "/api/rerank/upload", [("text", "a"), ("image_ids", str(v))]),
 }
-BAD_IDS = [0, -1, -5, 2**53 + 1, 2**63, 2**64, "abc", "1.5", "%2e%2e%2f", "%2e%2e"]
+BAD_IDS = [0, -1, -5, 2**53 + 1, 2**63, 2**64, "abc", "1.5", "1.0", "%201", "１", "%2e%2e%2f", "%2e%2e"]
 
 
 @pytest.mark.parametrize("value", BAD_IDS, ids=str)
@@ -562,7 +565,7 @@ def test_bad_id_is_422_on_every_field(client: TestClient, field: str, value: obj
     assert_problem(ID_FIELDS[field](client, 2**53), 404)  # the largest id is in range, just unknown
 
 
-@pytest.mark.parametrize("value", [True, "2", 2.0, None, [2]], ids=repr)
+@pytest.mark.parametrize("value", [True, "2", 2.5, None, [2], 1e300], ids=repr)
 def test_json_ids_are_json_integers(client: TestClient, value: object) -> None:
     assert_problem(raw_json(client, "/api/caption", {"image_id": value}), 422)
     assert_problem(raw_json(client, "/api/rerank", {"text": "a", "image_ids": [value]}), 422)

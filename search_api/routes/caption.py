@@ -3,7 +3,7 @@
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File
 
 from blip2_embed.images import preprocess
 from blip2_search.settings import Settings
@@ -11,9 +11,8 @@ from search_api.deps import AppState, State
 from search_api.errors import ApiError
 from search_api.media import decode_upload, read_upload
 from search_api.routes.common import api_router, problems
-from search_api.schemas import CaptionResponse, request_models
+from search_api.schemas import CaptionResponse, Limits, request_models
 from search_api.service import Timer
-from search_api.validation import NewTokens, text_type
 
 
 def _need_captions(state: AppState) -> str:
@@ -24,8 +23,8 @@ def _need_captions(state: AppState) -> str:
 
 def build(settings: Settings) -> APIRouter:
     router = api_router("/api/caption", ["caption"])
-    CaptionRequest = request_models(settings.max_query_chars).caption
-    Prompt = text_type(settings.max_query_chars, optional=True)
+    models = request_models(Limits.of(settings))
+    CaptionRequest, CaptionUploadForm = models.caption, models.caption_upload
 
     @router.post("", response_model=CaptionResponse, responses=problems(401, 404, 409, 422))
     async def caption_image(state: State, body: CaptionRequest) -> CaptionResponse:
@@ -69,18 +68,13 @@ def build(settings: Settings) -> APIRouter:
         )
 
     @router.post("/upload", response_model=CaptionResponse, responses=problems(401, 409, 413, 415, 422))
-    async def caption_upload(
-        state: State,
-        file: Annotated[UploadFile, File(description="The image.")],
-        prompt: Annotated[Prompt | None, Form(description="Instruction (optional).")] = None,
-        max_new_tokens: Annotated[NewTokens | None, Form(description="Tokens to generate.")] = None,
-    ) -> CaptionResponse:
+    async def caption_upload(state: State, form: Annotated[CaptionUploadForm, File()]) -> CaptionResponse:
         """Caption an uploaded image, or answer ``prompt`` about it (never cached)."""
         key = _need_captions(state)
         timer = Timer(state)
-        tokens = max_new_tokens or settings.caption_max_new_tokens
+        prompt, tokens = form.prompt, form.max_new_tokens or settings.caption_max_new_tokens
         with timer.stage("decode_upload"):
-            data = await read_upload(file, settings.max_upload_bytes)
+            data = await read_upload(form.file, settings.max_upload_bytes)
             image = await asyncio.to_thread(decode_upload, data, settings.max_upload_pixels)
             pixels = await asyncio.to_thread(preprocess, [image], state.encoder.spec)
         with timer.stage("captions"):

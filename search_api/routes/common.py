@@ -9,16 +9,16 @@ from fastapi import APIRouter, Depends, Path
 from search_api.deps import require_reader
 from search_api.errors import PROBLEM_JSON
 from search_api.schemas import Problem
-from search_api.validation import ImageId, refuse_unknown_fields
+from search_api.validation import ImageId, refuse_unknown_query
 
 # The same id rule as JSON and form ids: 1..2**53, so no id can overflow a SQL integer.
 IdPath = Annotated[ImageId, Path(description="Catalog image id.")]
 
 
 def api_router(prefix: str, tags: list[str]) -> APIRouter:
-    """A router of read endpoints: API key when required, and no undeclared query or form field."""
+    """A router of read endpoints: API key when required, and no undeclared query parameter."""
     return APIRouter(
-        prefix=prefix, tags=tags, dependencies=[Depends(require_reader), Depends(refuse_unknown_fields)]
+        prefix=prefix, tags=tags, dependencies=[Depends(require_reader), Depends(refuse_unknown_query)]
     )
 
 

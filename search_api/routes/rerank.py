@@ -4,7 +4,7 @@ import asyncio
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File
 
 from blip2_embed.images import preprocess
 from blip2_search.settings import Settings
@@ -12,9 +12,8 @@ from search_api.deps import AppState, State
 from search_api.errors import ApiError
 from search_api.media import decode_upload, read_upload
 from search_api.routes.common import api_router, problems
-from search_api.schemas import RerankItem, RerankResponse, request_models
+from search_api.schemas import Limits, RerankItem, RerankResponse, request_models
 from search_api.service import Timer
-from search_api.validation import ImageId, text_type
 
 
 async def _rerank(
@@ -55,8 +54,8 @@ async def _rerank(
 
 def build(settings: Settings) -> APIRouter:
     router = api_router("/api/rerank", ["rerank"])
-    RerankRequest = request_models(settings.max_query_chars).rerank
-    Text = text_type(settings.max_query_chars)
+    models = request_models(Limits.of(settings))
+    RerankRequest, RerankUploadForm = models.rerank, models.rerank_upload
 
     @router.post("", response_model=RerankResponse, responses=problems(401, 404, 422))
     async def rerank(state: State, body: RerankRequest) -> RerankResponse:
@@ -64,16 +63,11 @@ def build(settings: Settings) -> APIRouter:
         return await _rerank(state, body.text, list(body.image_ids), [], Timer(state))
 
     @router.post("/upload", response_model=RerankResponse, responses=problems(401, 404, 413, 415, 422))
-    async def rerank_upload(
-        state: State,
-        text: Annotated[Text, Form(description="The text every candidate is matched against.")],
-        files: Annotated[list[UploadFile] | None, File(description="Candidate images.")] = None,
-        image_ids: Annotated[list[ImageId] | None, Form(description="Catalog candidates.")] = None,
-    ) -> RerankResponse:
+    async def rerank_upload(state: State, form: Annotated[RerankUploadForm, File()]) -> RerankResponse:
         """Like ``POST /api/rerank`` with uploaded candidates (multipart); ids may be mixed in."""
         timer = Timer(state)
-        files = files or []
-        if len(files) + len(image_ids or []) > settings.max_rerank_candidates:
+        files, image_ids = form.files or [], form.image_ids or []
+        if len(files) + len(image_ids) > settings.max_rerank_candidates:
             raise ApiError(422, f"at most {settings.max_rerank_candidates} candidates per call")
         uploads = []
         with timer.stage("decode_uploads"):
@@ -81,6 +75,6 @@ def build(settings: Settings) -> APIRouter:
                 data = await read_upload(f, settings.max_upload_bytes)
                 image = await asyncio.to_thread(decode_upload, data, settings.max_upload_pixels)
                 uploads.append((await asyncio.to_thread(preprocess, [image], state.encoder.spec))[0])
-        return await _rerank(state, text, list(image_ids or []), uploads, timer)
+        return await _rerank(state, form.text, list(image_ids), uploads, timer)
 
     return router

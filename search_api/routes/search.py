@@ -5,7 +5,7 @@ import datetime as dt
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Query
 
 from blip2_embed.images import preprocess
 from blip2_search.settings import Settings
@@ -13,9 +13,9 @@ from search_api.deps import State
 from search_api.errors import ApiError
 from search_api.media import decode_upload, read_upload
 from search_api.routes.common import IdPath, api_router, problems
-from search_api.schemas import SearchResponse
+from search_api.schemas import MAX_OFFSET, Limits, SearchResponse, request_models
 from search_api.service import Filters, Timer, allowed_ids, rank_and_page
-from search_api.validation import text_type
+from search_api.validation import int_type, text_type
 
 # Filter values are paths: kept as given (no stripping), up to a path's length.
 MAX_PATH_CHARS = 4096
@@ -25,18 +25,15 @@ def build(settings: Settings) -> APIRouter:
     router = api_router("/api/search", ["search"])
     Text = text_type(settings.max_query_chars)
     PathText = text_type(MAX_PATH_CHARS, strip=False, optional=True)
-    K = Annotated[int, Query(ge=1, le=settings.max_k, description="Hits per page.")]
-    Offset = Annotated[int, Query(ge=0, le=10_000, description="Hits to skip (pagination).")]
+    SearchUploadForm = request_models(Limits.of(settings)).search_upload
+    K = Annotated[int_type(1, settings.max_k), Query(description="Hits per page.")]
+    Offset = Annotated[int_type(0, MAX_OFFSET), Query(description="Hits to skip (pagination).")]
     Depth = Annotated[
-        int,
-        Query(
-            ge=0,
-            le=settings.max_rerank_depth,
-            description="ITC candidates re-ranked by ITM (0: no re-ranking).",
-        ),
+        int_type(0, settings.max_rerank_depth),
+        Query(description="ITC candidates re-ranked by ITM (0: no re-ranking)."),
     ]
     Captions = Annotated[
-        int, Query(ge=0, le=settings.max_caption_hits, description="Caption this many top hits of the page.")
+        int_type(0, settings.max_caption_hits), Query(description="Caption this many top hits of the page.")
     ]
     Root = Annotated[PathText | None, Query(description="Only files under this library root.")]
     Prefix = Annotated[PathText | None, Query(description="Only files whose path below the root starts so.")]
@@ -115,17 +112,12 @@ def build(settings: Settings) -> APIRouter:
         )  # fmt: skip
 
     @router.post("/image", response_model=SearchResponse, responses=problems(401, 413, 415, 422))
-    async def search_by_upload(
-        state: State,
-        file: Annotated[UploadFile, File(description="The query image.")],
-        k: Annotated[int, Form(ge=1, le=settings.max_k)] = 20,
-        offset: Annotated[int, Form(ge=0, le=10_000)] = 0,
-        captions: Annotated[int, Form(ge=0, le=settings.max_caption_hits)] = 0,
-    ) -> SearchResponse:
+    async def search_by_upload(state: State, form: Annotated[SearchUploadForm, File()]) -> SearchResponse:
         """Image -> images for an uploaded image (multipart form field ``file``)."""
         timer = Timer(state)
+        k, offset, captions = form.k, form.offset, form.captions
         with timer.stage("decode_upload"):
-            data = await read_upload(file, settings.max_upload_bytes)
+            data = await read_upload(form.file, settings.max_upload_bytes)
             image = await asyncio.to_thread(decode_upload, data, settings.max_upload_pixels)
             pixels = await asyncio.to_thread(preprocess, [image], state.encoder.spec)
         with timer.stage("image_encode"):
