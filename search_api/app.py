@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,82 +13,28 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from blip2_embed.encoder import Blip2Encoder
 from blip2_search.settings import Settings
 from catalog.index_store import IndexOptions, index_path
 from search_api.catalog_view import CatalogView
 from search_api.deps import AppState, parse_keys
-from search_api.errors import install_error_handlers, problem
+from search_api.errors import install_error_handlers
 from search_api.index_watcher import IndexWatcher
 from search_api.inference import InferenceWorker
 from search_api.media import Media
 from search_api.metrics import Metrics
+from search_api.middleware import (
+    BodyLimitMiddleware,
+    CatchAllMiddleware,
+    ObserveMiddleware,
+    PathGuardMiddleware,
+)
 from search_api.routes import caption, embed, health, images, rerank, search
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class BodyLimitMiddleware:
-    """Refuse request bodies over ``limit`` bytes with 413, before they are parsed or spooled.
-
-    A declared Content-Length is checked up front; a chunked body is counted as it arrives.
-    """
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        too_big = problem(413, f"request body larger than {self.limit} bytes", code="body-too-large")
-        if declared is not None:
-            try:
-                size = int(declared)
-            except ValueError:
-                size = -1
-            if size > self.limit:
-                await too_big(scope, receive, send)
-                return
-        seen = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await too_big(scope, receive, send)
-
-
-def _route_label(scope: Scope) -> str:
-    route = scope.get("route")
-    return getattr(route, "path", None) or "unmatched"
 
 
 def create_app(settings: Settings, *, encoder: Blip2Encoder | None = None) -> FastAPI:
@@ -151,6 +96,8 @@ def create_app(settings: Settings, *, encoder: Blip2Encoder | None = None) -> Fa
         # cannot serve; the schema itself stays at /openapi.json.
         docs_url=None,
         redoc_url=None,
+        # An API answers the path it was asked: "/api/images/" is no route (404), not a 307 elsewhere.
+        redirect_slashes=False,
     )
     app.state.blip2 = None
     install_error_handlers(app)
@@ -163,24 +110,12 @@ def create_app(settings: Settings, *, encoder: Blip2Encoder | None = None) -> Fa
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    @app.middleware("http")
-    async def observe(request: Any, call_next: Any) -> Any:
-        start = time.perf_counter()
-        response = await call_next(request)
-        state = request.app.state.blip2
-        if state is not None:
-            label = _route_label(request.scope)
-            state.metrics.requests.labels(label, request.method, str(response.status_code)).inc()
-            state.metrics.request_seconds.labels(label).observe(time.perf_counter() - start)
-        # The page is same-origin only: no CDN, no inline script, no framing.
-        response.headers.setdefault(
-            "Content-Security-Policy",
-            "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
-            "frame-ancestors 'none'",
-        )
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        return response
-
+    # Added innermost first: Observe -> CORS -> PathGuard -> CatchAll -> BodyLimit -> routes, so every
+    # answer (a 413, a bad path, a 500) is counted, carries the security headers, and CORS headers.
+    # The biggest legitimate body is a multipart upload of a few images.
+    app.add_middleware(BodyLimitMiddleware, limit=2 * settings.max_upload_bytes + 65536)
+    app.add_middleware(CatchAllMiddleware)
+    app.add_middleware(PathGuardMiddleware)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:
         app.add_middleware(
@@ -189,6 +124,5 @@ def create_app(settings: Settings, *, encoder: Blip2Encoder | None = None) -> Fa
             allow_methods=["GET", "POST"],
             allow_headers=["Content-Type", settings.api_key_header],
         )
-    # Outermost: the biggest legitimate body is a multipart upload of a few images.
-    app.add_middleware(BodyLimitMiddleware, limit=2 * settings.max_upload_bytes + 65536)
+    app.add_middleware(ObserveMiddleware)
     return app

@@ -1,14 +1,14 @@
 """One error shape for every failure: RFC 9457 problem details (``application/problem+json``).
 
 Every handler here answers with ``{"type", "title", "status", "detail"}`` (plus ``errors`` for
-validation failures) and never with a stack trace: unexpected exceptions are logged server-side and
-the client sees only a generic 500 with a request id it can quote.
+validation failures) and never with a stack trace. Unexpected exceptions are not handled here but in
+``search_api.middleware.CatchAllMiddleware``, inside the metrics and security-header middleware: it logs
+them server-side and the client sees only a generic 500 with a request id it can quote.
 """
 
 from __future__ import annotations
 
-import logging
-import uuid
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-log = logging.getLogger(__name__)
+from search_api.inference import InvalidInput
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -49,6 +49,15 @@ class ApiError(Exception):
         self.headers = headers
 
 
+class ProblemResponse(JSONResponse):
+    media_type = PROBLEM_JSON
+
+    def render(self, content: Any) -> bytes:
+        # ASCII with escapes: an error may quote a client's field name, and a lone surrogate in it
+        # (JSON "\ud800") cannot be encoded as UTF-8.
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 def problem(
     status: int, detail: str, *, code: str | None = None, headers: dict | None = None, **extra: Any
 ) -> JSONResponse:
@@ -60,15 +69,16 @@ def problem(
         "detail": detail,
     }
     body.update(extra)
-    return JSONResponse(jsonable_encoder(body), status_code=status, media_type=PROBLEM_JSON, headers=headers)
+    return ProblemResponse(jsonable_encoder(body), status_code=status, headers=headers)
 
 
 def _short_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
-    # Pydantic's raw errors may echo the whole input (e.g. a 10 MB string); keep location + message.
-    out = []
-    for err in exc.errors():
-        out.append({"loc": [str(p) for p in err.get("loc", ())], "msg": str(err.get("msg", ""))[:300]})
-    return out
+    # Pydantic's raw errors may echo the whole input (e.g. a 10 MB string), and a client's field names
+    # are input too: keep location + message, each short, and the first 20 errors.
+    return [
+        {"loc": [str(p)[:100] for p in err.get("loc", ())], "msg": str(err.get("msg", ""))[:300]}
+        for err in exc.errors()[:20]
+    ]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -88,8 +98,7 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = f"{'.'.join(first['loc'][1:] or first['loc'])}: {first['msg']}"
         return problem(422, detail, code="validation-error", errors=errors)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        request_id = uuid.uuid4().hex[:12]
-        log.exception("unhandled error %s on %s %s", request_id, request.method, request.url.path)
-        return problem(500, f"internal error (request id {request_id})", code="internal")
+    @app.exception_handler(InvalidInput)
+    async def _invalid_input(_: Request, exc: InvalidInput) -> JSONResponse:
+        # The model thread found this request's own input unusable (other requests of its batch ran).
+        return problem(422, str(exc), code="invalid-input")

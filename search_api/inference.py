@@ -9,6 +9,11 @@ Batching and fairness: each time the worker wakes it takes *every* job waiting a
 "round"), groups them by kind and runs each group as one batched model call, in order of the group's
 first arrival. A job that arrives during a round waits at most one round, so no request can starve
 another, and ten concurrent searches cost one text-encoder call instead of ten.
+
+Isolation: one job never fails another. Before a batch runs, each job's own input is checked on this
+thread (its texts tokenize; a prompt plus the tokens to generate fit the caption model's positions); a
+job that fails the check gets ``InvalidInput`` (a 4xx for its caller) and stays out of the batch. If a
+batch still fails, its jobs run again one by one, so only a job that fails on its own gets the error.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ class ScoreResult:
     captions: dict[int, str]  # position in the batch -> caption
 
 
+class InvalidInput(ValueError):
+    """A job's own input cannot go through the model (the caller's fault: the routes answer 422)."""
+
+
 @dataclass
 class _Job:
     kind: str
@@ -47,6 +56,7 @@ class _Job:
     future: Future
     size: int
     enqueued: float = field(default_factory=time.perf_counter)
+    truncated: list[bool] | None = None  # the token-limit flags of a text job, found by its input check
 
 
 _STOP = object()
@@ -182,32 +192,90 @@ class InferenceWorker:
         return batches
 
     def _run_batch(self, kind: str, jobs: list[_Job]) -> None:
-        live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
-        if not live:
-            return
+        valid = []
+        for job in jobs:
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            try:
+                self._check_input(kind, job)
+            except Exception as exc:  # InvalidInput, or a tokenizer failure no single text explains
+                job.future.set_exception(exc)
+            else:
+                valid.append(job)
+        if valid:
+            self._run_jobs(kind, valid)
+
+    def _run_jobs(self, kind: str, jobs: list[_Job]) -> None:
         start = time.perf_counter()
         try:
-            results = getattr(self, f"_batch_{kind}")(live)
-        except Exception as exc:  # one bad batch must not kill the worker; its callers get the error
-            log.exception("inference batch of kind %s failed", kind)
-            for job in live:
-                job.future.set_exception(exc)
+            results = getattr(self, f"_batch_{kind}")(jobs)
+        except Exception as exc:  # never kills the worker; only the job that fails alone gets the error
+            if len(jobs) > 1:
+                log.warning("inference batch of kind %s failed (%r); running its %d jobs one by one",
+                            kind, exc, len(jobs))  # fmt: skip
+                for job in jobs:
+                    self._run_jobs(kind, [job])
+            else:
+                log.exception("inference job of kind %s failed", kind)
+                jobs[0].future.set_exception(exc)
             return
-        for job, res in zip(live, results, strict=True):
+        for job, res in zip(jobs, results, strict=True):
             job.future.set_result(res)
         if self._on_batch is not None:
-            self._on_batch(kind, sum(j.size for j in live), time.perf_counter() - start)
+            self._on_batch(kind, sum(j.size for j in jobs), time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ input checks (worker thread)
+    def _check_input(self, kind: str, job: _Job) -> None:
+        """Raise ``InvalidInput`` if this job's own input cannot run (tokenizing is cheap next to a batch)."""
+        p = job.payload
+        if kind in ("text", "truncation"):
+            job.truncated = self._truncation(p["texts"])
+        elif kind == "vision":
+            if p["itm_rows"]:
+                self._truncation([p["text"]])
+            if callable(p["caption_rows"]) or p["caption_rows"]:
+                self._check_prompt(p["prompt"], p["max_new_tokens"])
+
+    def _truncation(self, texts: list[str]) -> list[bool]:
+        try:
+            return self.encoder.text_truncation(texts)
+        except Exception:  # the tokenizer refuses something: find which text, for the message
+            for i, text in enumerate(texts):
+                try:
+                    self.encoder.text_truncation([text])
+                except Exception as exc:
+                    raise InvalidInput(f"text {i} cannot be tokenized ({type(exc).__name__})") from None
+            raise
+
+    def _check_prompt(self, prompt: str | None, max_new_tokens: int) -> None:
+        model = self.encoder.caption_model
+        if model is None:  # the route refuses captions first; the batch reports it otherwise
+            return
+        try:
+            prompt_tokens = len(self.encoder.caption_tokenizer(prompt)["input_ids"]) if prompt else 1
+        except Exception as exc:
+            raise InvalidInput(f"the prompt cannot be tokenized ({type(exc).__name__})") from None
+        # The language model sees the query tokens, the prompt and every generated token but the last;
+        # past its learned positions it indexes out of range (on a GPU: a device assert for every job).
+        positions = getattr(model.config.text_config, "max_position_embeddings", None)
+        used = model.config.num_query_tokens + prompt_tokens + max_new_tokens - 1
+        if positions is not None and used > positions:
+            raise InvalidInput(
+                f"the prompt ({prompt_tokens} tokens) and max_new_tokens ({max_new_tokens}) need {used} "
+                f"positions; the caption model has {positions} (including {model.config.num_query_tokens} "
+                "for the image)"
+            )
 
     def _batch_text(self, jobs: list[_Job]) -> list[tuple[np.ndarray, list[bool]]]:
         texts = [t for j in jobs for t in j.payload["texts"]]
-        cut = self.encoder.text_truncation(texts)
         vecs = self.encoder.embed_texts(texts)
-        sizes = [j.size for j in jobs]
-        flags = np.split(np.asarray(cut, bool), np.cumsum(sizes)[:-1])
-        return [(v, [bool(x) for x in f]) for v, f in zip(_split_rows(vecs, sizes), flags, strict=True)]
+        return [
+            (v, list(j.truncated or []))
+            for v, j in zip(_split_rows(vecs, [j.size for j in jobs]), jobs, strict=True)
+        ]
 
     def _batch_truncation(self, jobs: list[_Job]) -> list[list[bool]]:
-        return [self.encoder.text_truncation(j.payload["texts"]) for j in jobs]
+        return [list(j.truncated or []) for j in jobs]
 
     def _batch_image(self, jobs: list[_Job]) -> list[np.ndarray]:
         pixels = np.concatenate([j.payload["pixels"] for j in jobs])

@@ -1,15 +1,18 @@
 """Request and response bodies of the HTTP API (what the OpenAPI schema documents)."""
 
-from __future__ import annotations
-
 import datetime as dt
-from typing import Annotated
+from dataclasses import dataclass
+from functools import cache
 
+from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-# Ids beyond 2**53 are not exact in JavaScript and beyond 2**63 overflow SQL integers; refuse them early.
-MAX_ID = 2**53
-ImageId = Annotated[int, Field(ge=1, le=MAX_ID)]
+from blip2_search.settings import Settings
+from search_api.validation import ImageId, JsonImageId, JsonNewTokens, NewTokens, int_type, text_type
+
+# One /embed/text call takes at most this many texts; no page starts past this offset.
+MAX_TEXTS = 64
+MAX_OFFSET = 10_000
 
 
 class Problem(BaseModel):
@@ -80,11 +83,6 @@ class SearchResponse(BaseModel):
     )
 
 
-class RerankRequest(BaseModel):
-    text: str = Field(max_length=4000, description="The text every candidate is matched against.")
-    image_ids: list[ImageId] = Field(description="Catalog image ids.")
-
-
 class RerankItem(BaseModel):
     rank: int
     image_id: int | None = Field(None, description="Catalog id, for catalog candidates.")
@@ -101,14 +99,6 @@ class RerankResponse(BaseModel):
     timings_ms: dict[str, float]
 
 
-class CaptionRequest(BaseModel):
-    image_id: ImageId
-    prompt: str | None = Field(
-        None, max_length=4000, description='Instruction, e.g. "Question: what is this? Answer:".'
-    )
-    max_new_tokens: int | None = Field(None, ge=1, le=128)
-
-
 class CaptionResponse(BaseModel):
     image_id: int | None = None
     prompt: str | None = None
@@ -116,10 +106,6 @@ class CaptionResponse(BaseModel):
     cached: bool = Field(description="True when the text came from the catalog's caption cache.")
     model_key: str
     timings_ms: dict[str, float]
-
-
-class EmbedTextRequest(BaseModel):
-    texts: list[str] = Field(min_length=1, max_length=64)
 
 
 class EmbedTextResponse(BaseModel):
@@ -150,3 +136,81 @@ class Readiness(BaseModel):
     indexed_images: int
     inference_queue: int
     detail: str | None = None
+
+
+# ------------------------------------------------------------------ request bodies
+class _Body(BaseModel):
+    # A misspelt field (``max_tokens`` for ``max_new_tokens``) is refused, never silently defaulted.
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The settings the request bodies depend on (hashable: each set of models is built once)."""
+
+    max_chars: int
+    max_k: int
+    max_caption_hits: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> "Limits":
+        return cls(settings.max_query_chars, settings.max_k, settings.max_caption_hits)
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """JSON bodies (``rerank``, ``caption``, ``embed_text``) and multipart forms (the ``*_upload``)."""
+
+    rerank: type[BaseModel]
+    caption: type[BaseModel]
+    embed_text: type[BaseModel]
+    search_upload: type[BaseModel]
+    rerank_upload: type[BaseModel]
+    caption_upload: type[BaseModel]
+    embed_upload: type[BaseModel]
+
+
+@cache
+def request_models(limits: Limits) -> RequestModels:
+    """Every request body, with texts of at most ``max_query_chars`` characters."""
+    Text = text_type(limits.max_chars)
+    Prompt = text_type(limits.max_chars, optional=True)
+    prompt_doc = 'Instruction, e.g. "Question: what is this? Answer:".'
+    tokens_doc = "Tokens to generate (default: the server's caption_max_new_tokens)."
+    match_doc = "The text every candidate is matched against."
+
+    class RerankRequest(_Body):
+        text: Text = Field(description=match_doc)
+        image_ids: list[JsonImageId] = Field(description="Catalog image ids.")
+
+    class CaptionRequest(_Body):
+        image_id: JsonImageId
+        prompt: Prompt | None = Field(None, description=prompt_doc)
+        max_new_tokens: JsonNewTokens | None = Field(None, description=tokens_doc)
+
+    class EmbedTextRequest(_Body):
+        texts: list[Text] = Field(min_length=1, max_length=MAX_TEXTS)
+
+    class SearchUploadForm(_Body):
+        file: UploadFile = Field(description="The query image.")
+        k: int_type(1, limits.max_k) = Field(20, description="Hits per page.")
+        offset: int_type(0, MAX_OFFSET) = Field(0, description="Hits to skip (pagination).")
+        captions: int_type(0, limits.max_caption_hits) = Field(0, description="Caption this many top hits.")
+
+    class RerankUploadForm(_Body):
+        text: Text = Field(description=match_doc)
+        files: list[UploadFile] | None = Field(None, description="Candidate images.")
+        image_ids: list[ImageId] | None = Field(None, description="Catalog candidates.")
+
+    class CaptionUploadForm(_Body):
+        file: UploadFile = Field(description="The image.")
+        prompt: Prompt | None = Field(None, description=prompt_doc)
+        max_new_tokens: NewTokens | None = Field(None, description=tokens_doc)
+
+    class EmbedUploadForm(_Body):
+        file: UploadFile = Field(description="The image.")
+
+    return RequestModels(
+        RerankRequest, CaptionRequest, EmbedTextRequest, SearchUploadForm, RerankUploadForm,
+        CaptionUploadForm, EmbedUploadForm,
+    )  # fmt: skip

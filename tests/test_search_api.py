@@ -6,16 +6,23 @@ ordering, the documented score formula, and agreement with the encoder and the c
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
+import shutil
+import sqlite3
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from blip2_search.settings import Settings
 from search_api.app import create_app
+from search_api.inference import InferenceWorker, InvalidInput
 from search_api.testing import index_folder, jpeg_bytes, make_photos
 
 N_PHOTOS = 12
@@ -270,6 +277,8 @@ def test_images_by_id(client: TestClient, catalog: Settings) -> None:
         ({"q": "a", "k": 0}, 422),
         ({"q": "a", "k": 101}, 422),
         ({"q": "a", "k": "many"}, 422),
+        ({"q": "a", "k": "1.0"}, 422),
+        ({"q": "a", "offset": " 1"}, 422),
         ({"q": "a", "rerank": -1}, 422),
         ({"q": "a", "rerank": 129}, 422),
         ({"q": "a", "captions": 17}, 422),
@@ -291,6 +300,7 @@ def test_unknown_ids(client: TestClient) -> None:
     assert_problem(client.get("/api/images/0"), 422)
     assert_problem(client.get("/api/images/99999999999999999999999"), 422)
     assert_problem(client.get("/api/images/-1/original"), 422)
+    assert_problem(client.get("/api/images/", follow_redirects=False), 404)  # no id: no route, no redirect
 
 
 @pytest.mark.parametrize(
@@ -307,10 +317,10 @@ def test_unknown_ids(client: TestClient) -> None:
     ],
 )
 def test_path_traversal_fails(client: TestClient, url: str) -> None:
-    resp = client.get(url)
+    resp = client.get(url, follow_redirects=False)
     assert b"root:" not in resp.content
-    if "?path=" in url:
-        assert resp.status_code == 200 and resp.headers["content-type"].startswith("image/")
+    if "?path=" in url:  # a query field the route does not declare is refused, never obeyed
+        assert "path" in assert_problem(resp, 422)["detail"]
     else:
         assert 400 <= resp.status_code < 500
 
@@ -460,3 +470,261 @@ def test_not_ready_before_catalog_exists(tmp_path: Path, tiny_checkpoints, encod
         assert ready.status_code == 503 and ready.json()["ready"] is False
         body = c.get("/api/search", params={"q": "a"}).json()
         assert body["hits"] == [] and body["indexed_images"] == 0
+
+
+# ------------------------------------------------------------------------------------------ one rule a value
+
+
+def raw_json(client: TestClient, url: str, body: object):
+    # json.dumps escapes a lone surrogate as "\ud800", which JSON allows (httpx's encoder would refuse it).
+    return client.post(url, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+
+
+def raw_form(client: TestClient, url: str, fields: list[tuple[str, str]], file_field: str | None = None):
+    """Multipart with ``charset=raw_unicode_escape``: Starlette decodes fields with the client's codec,
+    so a form field can carry a lone surrogate (or any other code point) too."""
+    boundary = "blip2-test-boundary"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}'.encode(
+            "raw_unicode_escape"
+        )
+        + b"\r\n"
+        for name, value in fields
+    ]
+    if file_field:
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; filename="a.jpg"\r\n'
+        parts.append(head.encode() + b"Content-Type: image/jpeg\r\n\r\n" + jpeg_bytes(7) + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    ctype = f"multipart/form-data; boundary={boundary}; charset=raw_unicode_escape"
+    return client.post(url, content=body, headers={"content-type": ctype})
+
+
+def requests_count(client: TestClient, route: str, method: str, status: int) -> float:
+    """``blip2_http_requests_total`` for one route, method and status, read from ``/metrics``."""
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "blip2_http_requests_total" and sample.labels == {
+                "route": route, "method": method, "status": str(status)
+            }:  # fmt: skip
+                return sample.value
+    return 0.0
+
+
+# field -> (how to send a value in it, its documented length limit, can it carry a surrogate)
+TEXT_FIELDS = {
+    "q": (lambda c, v: c.get("/api/search", params={"q": v, "rerank": 0}), 1000, False),
+    "root": (lambda c, v: c.get("/api/search", params={"q": "a", "root": v}), 4096, False),
+    "path_prefix": (lambda c, v: c.get("/api/search/similar/1", params={"path_prefix": v}), 4096, False),
+    "text": (lambda c, v: raw_json(c, "/api/rerank", {"text": v, "image_ids": [1]}), 1000, True),
+    "prompt": (lambda c, v: raw_json(c, "/api/caption", {"image_id": 1, "prompt": v}), 1000, True),
+    "texts.1": (lambda c, v: raw_json(c, "/api/embed/text", {"texts": ["a dog", v]}), 1000, True),
+    "upload text": (lambda c, v: raw_form(c, "/api/rerank/upload", [("text", v)], "files"), 1000, True),
+    "upload prompt": (lambda c, v: raw_form(c, "/api/caption/upload", [("prompt", v)], "file"), 1000, True),
+}
+BAD_TEXTS = {
+    "surrogate": "a \ud800 b",
+    "low surrogate": "\udfff",
+    "NUL": "a\x00b",
+    "bell": "ring\x07",
+    "escape": "\x1b[31mred",
+    "C1 control": "a\x9bb",
+    "huge": "x" * 300_000,
+}
+
+
+@pytest.mark.parametrize("kind", [*BAD_TEXTS, "over limit"])
+@pytest.mark.parametrize("field", TEXT_FIELDS)
+def test_bad_text_is_the_same_422_on_every_field(client: TestClient, field: str, kind: str) -> None:
+    send, limit, carries_surrogates = TEXT_FIELDS[field]
+    value = "y" * (limit + 1) if kind == "over limit" else BAD_TEXTS[kind]
+    if not carries_surrogates:  # a query string: UTF-8, and as long as a URL may be
+        if "surrogate" in kind:
+            pytest.skip("a query string is UTF-8: a surrogate cannot be sent in it")
+        value = value[:20_000]
+    body = assert_problem(send(client, value), 422)
+    assert body["detail"].startswith(field.removeprefix("upload ") + ":"), body
+    assert body["type"].endswith("validation-error")
+    # Tabs and newlines are text, the ends are stripped, and a text at the limit is taken.
+    assert send(client, "  a red dog\tand a cat\n").status_code == 200
+    at_limit = send(client, "y" * limit)
+    # (1000 characters of prompt are more tokens than the tiny caption model has positions for.)
+    assert at_limit.status_code == 200 or at_limit.json()["type"].endswith("invalid-input"), at_limit.text
+
+
+# where an image id goes -> how to send one
+ID_FIELDS = {
+    "path /api/images/{id}": lambda c, v: c.get(f"/api/images/{v}", follow_redirects=False),
+    "path thumbnail": lambda c, v: c.get(f"/api/images/{v}/thumbnail", follow_redirects=False),
+    "path original": lambda c, v: c.get(f"/api/images/{v}/original", follow_redirects=False),
+    "path similar": lambda c, v: c.get(f"/api/search/similar/{v}", follow_redirects=False),
+    "path embedding": lambda c, v: c.get(f"/api/embed/image/{v}", follow_redirects=False),
+    "json caption": lambda c, v: raw_json(c, "/api/caption", {"image_id": v}),
+    "json rerank": lambda c, v: raw_json(c, "/api/rerank", {"text": "a", "image_ids": [v]}),
+    "form rerank": lambda c, v: raw_form(c, "/api/rerank/upload", [("text", "a"), ("image_ids", str(v))]),
+}
+BAD_IDS = [0, -1, -5, 2**53 + 1, 2**63, 2**64, "abc", "1.5", "1.0", "%201", "１", "%2e%2e%2f", "%2e%2e"]
+
+
+@pytest.mark.parametrize("value", BAD_IDS, ids=str)
+@pytest.mark.parametrize("field", ID_FIELDS)
+def test_bad_id_is_422_on_every_field(client: TestClient, field: str, value: object) -> None:
+    assert_problem(ID_FIELDS[field](client, value), 422)
+    assert_problem(ID_FIELDS[field](client, 2**53), 404)  # the largest id is in range, just unknown
+
+
+@pytest.mark.parametrize("value", [True, "2", 2.5, None, [2], 1e300], ids=repr)
+def test_json_ids_are_json_integers(client: TestClient, value: object) -> None:
+    assert_problem(raw_json(client, "/api/caption", {"image_id": value}), 422)
+    assert_problem(raw_json(client, "/api/rerank", {"text": "a", "image_ids": [value]}), 422)
+
+
+@pytest.mark.parametrize(
+    ("send", "field"),
+    [
+        (lambda c: raw_json(c, "/api/caption", {"image_id": 2, "max_tokens": 2}), "max_tokens"),
+        (lambda c: raw_json(c, "/api/rerank", {"text": "a", "image_ids": [1], "k": 3}), "k"),
+        (lambda c: raw_json(c, "/api/embed/text", {"texts": ["a"], "normalize": False}), "normalize"),
+        (lambda c: c.get("/api/search", params={"q": "a", "kk": 3}), "kk"),
+        (lambda c: c.get("/api/search/similar/1", params={"rerank": 4}), "rerank"),
+        (lambda c: c.get("/api/images/1/original", params={"download": 1}), "download"),
+        (lambda c: raw_form(c, "/api/caption/upload", [("max_tokens", "2")], "file"), "max_tokens"),
+        (lambda c: raw_form(c, "/api/search/image", [("rerank", "4")], "file"), "rerank"),
+    ],
+)
+def test_unknown_fields_are_refused_by_name(client: TestClient, send, field: str) -> None:
+    body = assert_problem(send(client), 422)
+    assert any(e["loc"][-1] == field for e in body["errors"]), body
+
+
+def test_a_field_name_that_is_not_text_is_422(client: TestClient) -> None:
+    # Pydantic cannot read a lone surrogate in a key; the answer must still encode (no 500).
+    assert_problem(raw_json(client, "/api/embed/text", {"texts": ["a"], "\ud800": 1}), 422)
+    assert_problem(raw_form(client, "/api/caption/upload", [("\ud800", "x")], "file"), 422)
+
+
+def test_prompt_longer_than_the_model_takes_is_422(client: TestClient) -> None:
+    # Within max_query_chars, but more tokens than the tiny OPT's 128 positions hold with 32 image tokens.
+    long_prompt = "a " * 200
+    for resp in (
+        raw_json(client, "/api/caption", {"image_id": 1, "prompt": long_prompt}),
+        raw_form(client, "/api/caption/upload", [("prompt", long_prompt)], "file"),
+        raw_json(client, "/api/caption", {"image_id": 1, "max_new_tokens": 128}),
+    ):
+        body = assert_problem(resp, 422)
+        assert "positions" in body["detail"] and body["type"].endswith("invalid-input")
+    ok = raw_json(client, "/api/caption", {"image_id": 1, "max_new_tokens": 96})  # 32 + 1 + 96 - 1 = 128
+    assert ok.status_code == 200 and ok.json()["cached"] is False, ok.text
+
+
+def test_500_is_problem_json_counted_and_headed(
+    catalog: Settings, encoder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A genuine failure (the catalog loses a table under the server) answers like every other answer."""
+    data = tmp_path / "data"
+    shutil.copytree(catalog.data_dir, data)
+    settings = catalog.model_copy(update={"data_dir": data, "index_poll_seconds": 60})
+    with TestClient(create_app(settings, encoder=encoder)) as c:
+        assert c.get("/api/images/1").status_code == 200
+        with sqlite3.connect(data / "catalog.db") as db:
+            db.execute("ALTER TABLE files RENAME TO files_gone")
+        with caplog.at_level("ERROR", logger="search_api.middleware"):
+            resp = c.get("/api/images/1")
+        body = assert_problem(resp, 500)
+        request_id = resp.headers["x-request-id"]
+        assert request_id in body["detail"] and "Error" not in body["detail"]  # no exception text leaks
+        assert "default-src 'self'" in resp.headers["content-security-policy"]
+        assert resp.headers["x-content-type-options"] == "nosniff"
+        assert any(request_id in r.getMessage() and r.exc_info for r in caplog.records)
+        assert requests_count(c, "/api/images/{image_id}", "GET", 500) == 1
+
+
+def test_every_answer_is_counted_and_headed(client: TestClient) -> None:
+    """Answers made outside the routes (bad path, body over the limit, no route) count and carry headers."""
+    cases = [
+        (lambda: client.get("/api/images/%2e%2e%2f", follow_redirects=False), "GET", 422),
+        (lambda: client.post("/api/embed/image", content=b"x" * 500_000), "POST", 413),
+        (lambda: client.get("/no/such/route"), "GET", 404),
+    ]
+    for send, method, status in cases:
+        before = requests_count(client, "unmatched", method, status)
+        resp = send()
+        assert_problem(resp, status)
+        assert resp.headers["x-content-type-options"] == "nosniff" and resp.headers["content-security-policy"]
+        assert requests_count(client, "unmatched", method, status) == before + 1
+
+
+# ---------------------------------------------------------------------------------------------- model worker
+
+
+class Gate:
+    """Holds the model worker after its first batch, so the jobs queued meanwhile share one round."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.batches: list[tuple[str, int]] = []
+
+    def __call__(self, kind: str, items: int, seconds: float) -> None:
+        self.batches.append((kind, items))
+        self.open.wait(10)
+
+
+def run_round(encoder, make_jobs) -> tuple[list[object], list[tuple[str, int]]]:
+    """Run ``make_jobs(worker)``'s coroutines as one round of the real worker; results or exceptions."""
+    gate = Gate()
+    worker = InferenceWorker(encoder, on_batch=gate)
+    worker.start()
+
+    async def main() -> list[object]:
+        await worker.embed_texts(["warm-up"])  # the worker now waits in the gate
+        tasks = [asyncio.ensure_future(c) for c in make_jobs(worker)]
+        await asyncio.sleep(0.05)  # every job is queued
+        gate.open.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        return asyncio.run(main()), gate.batches[1:]
+    finally:
+        worker.stop()
+
+
+def test_a_bad_text_fails_alone(encoder) -> None:
+    texts = [["a dog"], ["\ud800"], ["two cats", "a tree"], ["x\udfff", "fine"], ["the sea"]]
+    results, batches = run_round(encoder, lambda w: [w.embed_texts(t) for t in texts])
+    for t, res in zip(texts, results, strict=True):
+        if any("\ud800" <= ch <= "\udfff" for s in t for ch in s):
+            assert isinstance(res, InvalidInput) and "cannot be tokenized" in str(res)
+        else:
+            vecs, truncated = res
+            np.testing.assert_allclose(vecs, encoder.embed_texts(t), atol=1e-5)
+            assert truncated == [False] * len(t)
+    assert batches == [("text", 4)]  # the three good jobs still ran as one batch
+    assert str(results[3]).startswith("text 0 ")
+
+
+def test_a_failing_batch_falls_back_to_one_by_one(encoder) -> None:
+    s = encoder.spec.size
+    rng = np.random.default_rng(0)
+    good = [rng.standard_normal((n, 3, s, s)).astype(np.float32) for n in (1, 2)]
+    broken = np.zeros((1, 4, s, s), np.float32)  # four channels: a genuine failure, not a caller's input
+    results, batches = run_round(encoder, lambda w: [w.embed_images(good[0]), w.embed_images(broken),
+                                                     w.embed_images(good[1])])  # fmt: skip
+    np.testing.assert_allclose(results[0], encoder.embed_images(good[0]), atol=1e-5)
+    np.testing.assert_allclose(results[2], encoder.embed_images(good[1]), atol=1e-5)
+    assert isinstance(results[1], Exception) and not isinstance(results[1], InvalidInput)  # stays a 500
+    assert batches == [("image", 1), ("image", 2)]
+
+
+def test_a_prompt_over_the_model_positions_fails_alone(encoder) -> None:
+    s = encoder.spec.size
+    pixels = np.random.default_rng(1).standard_normal((2, 3, s, s)).astype(np.float32)
+    results, _ = run_round(encoder, lambda w: [
+        w.score(pixels, "a dog", caption_rows=[0], prompt="a " * 200, max_new_tokens=4),
+        w.score(pixels, "a dog", caption_rows=[1], max_new_tokens=4),
+    ])  # fmt: skip
+    assert isinstance(results[0], InvalidInput) and "positions" in str(results[0])
+    ref = encoder.itm(pixels, "a dog")
+    np.testing.assert_allclose(results[1].probs, ref.probs, atol=1e-4)
+    assert results[1].captions[1] == encoder.caption(pixels[1:], max_new_tokens=4)[0]
+    # The check is exact: one token more than the limit is what the model itself cannot run.
+    with pytest.raises(IndexError):
+        encoder.caption(pixels[:1], max_new_tokens=97, min_new_tokens=97)

@@ -6,8 +6,11 @@ and many parallel searches while the real indexer adds photos and publishes a ne
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -94,17 +97,28 @@ def test_every_endpoint_over_http(http: httpx.Client) -> None:
     ],
 )
 def test_path_traversal_over_http(served, raw_path: str) -> None:
-    server, _, _ = served
-    # A raw request line, so no client normalises the dots away before the server sees them.
-    import socket
+    status, data = raw_get(served[0].port, raw_path)
+    assert 400 <= status < 500 and b"root:" not in data
 
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+
+def raw_get(port: int, raw_path: str) -> tuple[int, bytes]:
+    """GET with a raw request line, so no client normalises the dots away before the server sees them."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(f"GET {raw_path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
-    status = int(data.split(b" ", 2)[1])
-    assert 400 <= status < 500 and b"root:" not in data
+    return int(data.split(b" ", 2)[1]), data
+
+
+@pytest.mark.parametrize(
+    "raw_path",
+    ["/api/images/%2e%2e%2f", "/api/images/%2E%2E%2F/original", "/api/search/similar/%2e%2e%2f",
+     "/api/embed/image/..%2f", "/api/images/%2e%2e"],
+)  # fmt: skip
+def test_dot_segment_ids_are_422_over_http(served, raw_path: str) -> None:
+    status, data = raw_get(served[0].port, raw_path)
+    assert status == 422 and b"application/problem+json" in data, data[:300]  # not a 307 redirect
 
 
 def test_bad_input_over_http_is_problem_json(http: httpx.Client) -> None:
@@ -199,3 +213,78 @@ def test_parallel_searches_while_indexing(served, encoder) -> None:
     hits = httpx.get(server.url + "/api/search", params={"q": "x", "k": 50, "rerank": 0}).json()["hits"]
     assert len(hits) == N_PHOTOS + ADDED
     assert {Path(h["path"]).name for h in hits} == {p.name for p in photos.rglob("*.jpg")}
+
+
+JSON = {"content-type": "application/json"}
+# Requests other clients send meanwhile; each must answer 200.
+GOOD = [
+    lambda c, n: c.post("/api/embed/text", json={"texts": [f"a photo {n}", "a dog"]}),
+    lambda c, n: c.get("/api/search", params={"q": f"red {n}", "k": 3, "rerank": 4, "captions": 1}),
+    lambda c, n: c.post("/api/rerank", json={"text": f"blue {n}", "image_ids": [1, 2, 3]}),
+    lambda c, n: c.post(
+        "/api/caption", json={"image_id": 1 + n % N_PHOTOS, "prompt": f"Question: {n}? Answer:"}
+    ),
+]
+# Inputs that cannot run; each must answer 4xx.
+BAD = [
+    # refused by validation before the model thread
+    lambda c: c.post("/api/embed/text", content=json.dumps({"texts": ["a dog", "\ud800"]}), headers=JSON),
+    lambda c: c.post("/api/rerank", content=json.dumps({"text": "\udfff", "image_ids": [1]}), headers=JSON),
+    lambda c: c.post("/api/caption", content=json.dumps({"image_id": 1, "prompt": "\ud83d"}), headers=JSON),
+    lambda c: c.get("/api/search", params={"q": "a\x00b"}),
+    lambda c: c.post("/api/rerank/upload", data={"text": "a", "image_ids": str(2**63)}),
+    # valid requests the model thread refuses: more tokens than the caption model's positions hold
+    lambda c: c.post("/api/caption", json={"image_id": 1, "prompt": "a " * 200}),
+    lambda c: c.post("/api/caption", json={"image_id": 2, "max_new_tokens": 128}),
+]
+
+
+def test_bad_requests_never_fail_good_ones(served) -> None:
+    """6 clients send good requests while 2 send poison: 0 good ones fail, every bad one gets a 4xx."""
+    server, _, _ = served
+    done = threading.Event()
+    good_failures: list[str] = []
+    bad_statuses: Counter[int | str] = Counter()
+    sent = Counter()
+    lock = threading.Lock()
+
+    def good_client(worker: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            for n in range(16):
+                send = GOOD[(worker + n) % len(GOOD)]
+                try:
+                    r = send(c, worker * 100 + n)
+                    ok, what = r.status_code == 200, f"{r.status_code} {r.text[:200]}"
+                except httpx.HTTPError as exc:
+                    ok, what = False, repr(exc)
+                with lock:
+                    sent["good"] += 1
+                    if not ok:
+                        good_failures.append(what)
+
+    def bad_client(worker: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            for n in range(400):  # bounded; stops once the good clients are done
+                if done.is_set():
+                    return
+                try:
+                    status: int | str = BAD[(worker + n) % len(BAD)](c).status_code
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                with lock:
+                    sent["bad"] += 1
+                    bad_statuses[status] += 1
+
+    with ThreadPoolExecutor(8) as pool:
+        bad = [pool.submit(bad_client, w) for w in range(2)]
+        good = [pool.submit(good_client, w) for w in range(6)]
+        for f in good:
+            f.result(timeout=120)
+        done.set()
+        for f in bad:
+            f.result(timeout=60)
+    print(f"\npoisoning: {sent['good']} good requests, {len(good_failures)} failed; "
+          f"{sent['bad']} bad requests, statuses {dict(bad_statuses)}")  # fmt: skip
+    assert not good_failures, good_failures[:5]
+    assert sent["good"] == 96 and sent["bad"] >= 2 * len(BAD)
+    assert all(isinstance(s, int) and 400 <= s < 500 for s in bad_statuses), bad_statuses

@@ -3,15 +3,15 @@
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, File
 
 from blip2_embed.images import preprocess
 from blip2_search.settings import Settings
-from search_api.deps import AppState, State, require_reader
+from search_api.deps import AppState, State
 from search_api.errors import ApiError
 from search_api.media import decode_upload, read_upload
-from search_api.routes.common import clean_text, problems
-from search_api.schemas import CaptionRequest, CaptionResponse
+from search_api.routes.common import api_router, problems
+from search_api.schemas import CaptionResponse, Limits, request_models
 from search_api.service import Timer
 
 
@@ -21,24 +21,18 @@ def _need_captions(state: AppState) -> str:
     return state.encoder.caption_key or ""
 
 
-def _tokens(value: int | None, settings: Settings) -> int:
-    if value is None:
-        return settings.caption_max_new_tokens
-    if not 1 <= value <= 128:
-        raise ApiError(422, "max_new_tokens must be between 1 and 128", code="bad-max-new-tokens")
-    return value
-
-
 def build(settings: Settings) -> APIRouter:
-    router = APIRouter(prefix="/api/caption", tags=["caption"], dependencies=[Depends(require_reader)])
+    router = api_router("/api/caption", ["caption"])
+    models = request_models(Limits.of(settings))
+    CaptionRequest, CaptionUploadForm = models.caption, models.caption_upload
 
     @router.post("", response_model=CaptionResponse, responses=problems(401, 404, 409, 422))
     async def caption_image(state: State, body: CaptionRequest) -> CaptionResponse:
         """Caption a catalog image, or answer ``prompt`` about it. Default-length results are cached."""
         key = _need_captions(state)
         timer = Timer(state)
-        prompt = clean_text(body.prompt, settings.max_query_chars, "prompt", required=False)
-        tokens = _tokens(body.max_new_tokens, settings)
+        prompt = body.prompt
+        tokens = body.max_new_tokens or settings.caption_max_new_tokens
         # The cache key is (image, model, prompt); only default-length generations are stored under it.
         cacheable = tokens == settings.caption_max_new_tokens
         if cacheable:
@@ -74,27 +68,21 @@ def build(settings: Settings) -> APIRouter:
         )
 
     @router.post("/upload", response_model=CaptionResponse, responses=problems(401, 409, 413, 415, 422))
-    async def caption_upload(
-        state: State,
-        file: Annotated[UploadFile, File(description="The image.")],
-        prompt: Annotated[str | None, Form(max_length=settings.max_query_chars * 4)] = None,
-        max_new_tokens: Annotated[int | None, Form()] = None,
-    ) -> CaptionResponse:
+    async def caption_upload(state: State, form: Annotated[CaptionUploadForm, File()]) -> CaptionResponse:
         """Caption an uploaded image, or answer ``prompt`` about it (never cached)."""
         key = _need_captions(state)
         timer = Timer(state)
-        clean = clean_text(prompt, settings.max_query_chars, "prompt", required=False)
-        tokens = _tokens(max_new_tokens, settings)
+        prompt, tokens = form.prompt, form.max_new_tokens or settings.caption_max_new_tokens
         with timer.stage("decode_upload"):
-            data = await read_upload(file, settings.max_upload_bytes)
+            data = await read_upload(form.file, settings.max_upload_bytes)
             image = await asyncio.to_thread(decode_upload, data, settings.max_upload_pixels)
             pixels = await asyncio.to_thread(preprocess, [image], state.encoder.spec)
         with timer.stage("captions"):
             res = await state.worker.score(
-                pixels, None, caption_rows=[0], prompt=clean, max_new_tokens=tokens
+                pixels, None, caption_rows=[0], prompt=prompt, max_new_tokens=tokens
             )
         return CaptionResponse(
-            prompt=clean, text=res.captions.get(0, ""), cached=False, model_key=key, timings_ms=timer.done()
+            prompt=prompt, text=res.captions.get(0, ""), cached=False, model_key=key, timings_ms=timer.done()
         )
 
     return router

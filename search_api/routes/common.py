@@ -1,16 +1,25 @@
-"""Helpers shared by route modules: text validation and the documented error responses."""
+"""Helpers shared by route modules: the API router, path ids and the documented error responses."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Path
+from fastapi import APIRouter, Depends, Path
 
-from search_api.errors import PROBLEM_JSON, ApiError
-from search_api.schemas import MAX_ID, Problem
+from search_api.deps import require_reader
+from search_api.errors import PROBLEM_JSON
+from search_api.schemas import Problem
+from search_api.validation import ImageId, refuse_unknown_query
 
-# Every image id in a path is bounded, so no id can overflow a SQL integer (a 500 otherwise).
-IdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="Catalog image id.")]
+# The same id rule as JSON and form ids: 1..2**53, so no id can overflow a SQL integer.
+IdPath = Annotated[ImageId, Path(description="Catalog image id.")]
+
+
+def api_router(prefix: str, tags: list[str]) -> APIRouter:
+    """A router of read endpoints: API key when required, and no undeclared query parameter."""
+    return APIRouter(
+        prefix=prefix, tags=tags, dependencies=[Depends(require_reader), Depends(refuse_unknown_query)]
+    )
 
 
 def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -22,21 +31,3 @@ def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
         }
         for code in codes
     }
-
-
-def clean_text(value: str | None, max_chars: int, what: str = "text", *, required: bool = True) -> str | None:
-    """Strip; refuse (422) empty text when required and text over ``max_chars`` characters."""
-    if value is None:
-        if required:
-            raise ApiError(422, f"{what} is required", code="empty-text")
-        return None
-    text = value.strip()
-    if "\x00" in text:
-        raise ApiError(422, f"{what} contains a NUL character", code="bad-text")
-    if not text:
-        if required:
-            raise ApiError(422, f"{what} is empty", code="empty-text")
-        return None
-    if len(text) > max_chars:
-        raise ApiError(422, f"{what} is longer than {max_chars} characters", code="text-too-long")
-    return text

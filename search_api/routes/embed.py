@@ -3,29 +3,26 @@
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, UploadFile
+from fastapi import APIRouter, File
 
 from blip2_embed.images import preprocess
 from blip2_search.settings import Settings
-from search_api.deps import State, require_reader
+from search_api.deps import State
 from search_api.errors import ApiError
 from search_api.media import decode_upload, read_upload
-from search_api.routes.common import IdPath, clean_text, problems
-from search_api.schemas import EmbedImageResponse, EmbedTextRequest, EmbedTextResponse
-
-MAX_TEXTS = 64
+from search_api.routes.common import IdPath, api_router, problems
+from search_api.schemas import EmbedImageResponse, EmbedTextResponse, Limits, request_models
 
 
 def build(settings: Settings) -> APIRouter:
-    router = APIRouter(prefix="/api/embed", tags=["embeddings"], dependencies=[Depends(require_reader)])
+    router = api_router("/api/embed", ["embeddings"])
+    models = request_models(Limits.of(settings))
+    EmbedTextRequest, EmbedUploadForm = models.embed_text, models.embed_upload
 
     @router.post("/text", response_model=EmbedTextResponse, responses=problems(401, 422))
     async def embed_text(state: State, body: EmbedTextRequest) -> EmbedTextResponse:
         """ITC text embeddings (L2-normalised), one per text; at most 64 texts."""
-        if not body.texts or len(body.texts) > MAX_TEXTS:
-            raise ApiError(422, f"give 1 to {MAX_TEXTS} texts", code="bad-texts")
-        texts = [clean_text(t, settings.max_query_chars, f"texts[{i}]") for i, t in enumerate(body.texts)]
-        vecs, truncated = await state.worker.embed_texts(texts)
+        vecs, truncated = await state.worker.embed_texts(body.texts)
         return EmbedTextResponse(
             model_key=state.encoder.retrieval_key or "",
             dim=state.encoder.embed_dim,
@@ -34,11 +31,9 @@ def build(settings: Settings) -> APIRouter:
         )
 
     @router.post("/image", response_model=EmbedImageResponse, responses=problems(401, 413, 415, 422))
-    async def embed_image(
-        state: State, file: Annotated[UploadFile, File(description="The image.")]
-    ) -> EmbedImageResponse:
+    async def embed_image(state: State, form: Annotated[EmbedUploadForm, File()]) -> EmbedImageResponse:
         """ITC image embedding of an upload: 32 L2-normalised query vectors."""
-        data = await read_upload(file, settings.max_upload_bytes)
+        data = await read_upload(form.file, settings.max_upload_bytes)
         image = await asyncio.to_thread(decode_upload, data, settings.max_upload_pixels)
         pixels = await asyncio.to_thread(preprocess, [image], state.encoder.spec)
         vecs = (await state.worker.embed_images(pixels))[0]

@@ -3,15 +3,15 @@
 import asyncio
 import mimetypes
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import FileResponse, Response
 
 from blip2_embed.images import SNIFF_BYTES, sniff_format
 from blip2_search.settings import Settings
 from catalog.paths import encode_path
-from search_api.deps import State, require_reader
+from search_api.deps import State
 from search_api.errors import ApiError
-from search_api.routes.common import IdPath, problems
+from search_api.routes.common import IdPath, api_router, problems
 from search_api.schemas import FileRef, ImageDetail
 from search_api.service import image_urls
 
@@ -24,7 +24,7 @@ _CACHE = {"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "
 
 
 def build(settings: Settings) -> APIRouter:
-    router = APIRouter(prefix="/api/images", tags=["images"], dependencies=[Depends(require_reader)])
+    router = api_router("/api/images", ["images"])
 
     @router.get("/{image_id}", response_model=ImageDetail, responses=problems(401, 404, 422))
     async def image_detail(state: State, image_id: IdPath) -> ImageDetail:

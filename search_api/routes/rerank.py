@@ -4,15 +4,15 @@ import asyncio
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, File
 
 from blip2_embed.images import preprocess
 from blip2_search.settings import Settings
-from search_api.deps import AppState, State, require_reader
+from search_api.deps import AppState, State
 from search_api.errors import ApiError
 from search_api.media import decode_upload, read_upload
-from search_api.routes.common import clean_text, problems
-from search_api.schemas import RerankItem, RerankRequest, RerankResponse
+from search_api.routes.common import api_router, problems
+from search_api.schemas import Limits, RerankItem, RerankResponse, request_models
 from search_api.service import Timer
 
 
@@ -53,27 +53,21 @@ async def _rerank(
 
 
 def build(settings: Settings) -> APIRouter:
-    router = APIRouter(prefix="/api/rerank", tags=["rerank"], dependencies=[Depends(require_reader)])
+    router = api_router("/api/rerank", ["rerank"])
+    models = request_models(Limits.of(settings))
+    RerankRequest, RerankUploadForm = models.rerank, models.rerank_upload
 
     @router.post("", response_model=RerankResponse, responses=problems(401, 404, 422))
     async def rerank(state: State, body: RerankRequest) -> RerankResponse:
         """ITM probabilities and match logits of one text against catalog images, highest first."""
-        timer = Timer(state)
-        text = clean_text(body.text, settings.max_query_chars)
-        return await _rerank(state, text, list(body.image_ids), [], timer)
+        return await _rerank(state, body.text, list(body.image_ids), [], Timer(state))
 
     @router.post("/upload", response_model=RerankResponse, responses=problems(401, 404, 413, 415, 422))
-    async def rerank_upload(
-        state: State,
-        text: Annotated[str, Form(max_length=settings.max_query_chars * 4)],
-        files: Annotated[list[UploadFile] | None, File(description="Candidate images.")] = None,
-        image_ids: Annotated[list[int] | None, Form(description="Catalog candidates.")] = None,
-    ) -> RerankResponse:
+    async def rerank_upload(state: State, form: Annotated[RerankUploadForm, File()]) -> RerankResponse:
         """Like ``POST /api/rerank`` with uploaded candidates (multipart); ids may be mixed in."""
         timer = Timer(state)
-        clean = clean_text(text, settings.max_query_chars)
-        files = files or []
-        if len(files) + len(image_ids or []) > settings.max_rerank_candidates:
+        files, image_ids = form.files or [], form.image_ids or []
+        if len(files) + len(image_ids) > settings.max_rerank_candidates:
             raise ApiError(422, f"at most {settings.max_rerank_candidates} candidates per call")
         uploads = []
         with timer.stage("decode_uploads"):
@@ -81,6 +75,6 @@ def build(settings: Settings) -> APIRouter:
                 data = await read_upload(f, settings.max_upload_bytes)
                 image = await asyncio.to_thread(decode_upload, data, settings.max_upload_pixels)
                 uploads.append((await asyncio.to_thread(preprocess, [image], state.encoder.spec))[0])
-        return await _rerank(state, clean, list(image_ids or []), uploads, timer)
+        return await _rerank(state, form.text, list(image_ids), uploads, timer)
 
     return router

@@ -5,37 +5,38 @@ import datetime as dt
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Query
 
 from blip2_embed.images import preprocess
 from blip2_search.settings import Settings
-from search_api.deps import State, require_reader
+from search_api.deps import State
 from search_api.errors import ApiError
 from search_api.media import decode_upload, read_upload
-from search_api.routes.common import IdPath, clean_text, problems
-from search_api.schemas import SearchResponse
+from search_api.routes.common import IdPath, api_router, problems
+from search_api.schemas import MAX_OFFSET, Limits, SearchResponse, request_models
 from search_api.service import Filters, Timer, allowed_ids, rank_and_page
+from search_api.validation import int_type, text_type
+
+# Filter values are paths: kept as given (no stripping), up to a path's length.
+MAX_PATH_CHARS = 4096
 
 
 def build(settings: Settings) -> APIRouter:
-    router = APIRouter(prefix="/api/search", tags=["search"], dependencies=[Depends(require_reader)])
-    K = Annotated[int, Query(ge=1, le=settings.max_k, description="Hits per page.")]
-    Offset = Annotated[int, Query(ge=0, le=10_000, description="Hits to skip (pagination).")]
+    router = api_router("/api/search", ["search"])
+    Text = text_type(settings.max_query_chars)
+    PathText = text_type(MAX_PATH_CHARS, strip=False, optional=True)
+    SearchUploadForm = request_models(Limits.of(settings)).search_upload
+    K = Annotated[int_type(1, settings.max_k), Query(description="Hits per page.")]
+    Offset = Annotated[int_type(0, MAX_OFFSET), Query(description="Hits to skip (pagination).")]
     Depth = Annotated[
-        int,
-        Query(
-            ge=0,
-            le=settings.max_rerank_depth,
-            description="ITC candidates re-ranked by ITM (0: no re-ranking).",
-        ),
+        int_type(0, settings.max_rerank_depth),
+        Query(description="ITC candidates re-ranked by ITM (0: no re-ranking)."),
     ]
     Captions = Annotated[
-        int, Query(ge=0, le=settings.max_caption_hits, description="Caption this many top hits of the page.")
+        int_type(0, settings.max_caption_hits), Query(description="Caption this many top hits of the page.")
     ]
-    Root = Annotated[str | None, Query(max_length=4096, description="Only files under this library root.")]
-    Prefix = Annotated[
-        str | None, Query(max_length=4096, description="Only files whose path below the root starts so.")
-    ]
+    Root = Annotated[PathText | None, Query(description="Only files under this library root.")]
+    Prefix = Annotated[PathText | None, Query(description="Only files whose path below the root starts so.")]
     After = Annotated[dt.datetime | None, Query(description="Captured at or after (camera local time).")]
     Before = Annotated[dt.datetime | None, Query(description="Captured at or before (camera local time).")]
 
@@ -61,7 +62,7 @@ def build(settings: Settings) -> APIRouter:
     @router.get("", response_model=SearchResponse, responses=problems(401, 422))
     async def search_text(
         state: State,
-        q: Annotated[str, Query(max_length=settings.max_query_chars * 4, description="Query text.")],
+        q: Annotated[Text, Query(description="Query text.")],
         k: K = 20,
         offset: Offset = 0,
         rerank: Depth = min(32, settings.max_rerank_depth),
@@ -69,10 +70,9 @@ def build(settings: Settings) -> APIRouter:
         flt: Filters = Depends(filter_dep),
     ) -> SearchResponse:
         """Text -> images: ITC top-N over the index, ITM re-rank of N, captions of the top hits."""
-        query = clean_text(q, settings.max_query_chars, "q")
         timer = Timer(state)
         with timer.stage("text_encode"):
-            vecs, cut = await state.worker.embed_texts([query])
+            vecs, cut = await state.worker.embed_texts([q])
             vec, truncated = vecs[0], cut[0]
         allowed = await allowed_ids(state, flt, timer)
         snapshot = state.watcher.handle()  # this search's index, whatever swaps happen meanwhile
@@ -80,8 +80,8 @@ def build(settings: Settings) -> APIRouter:
         with timer.stage("vector_search"):
             hits = await asyncio.to_thread(snapshot.search, vec, need, allowed=allowed)
         return await rank_and_page(
-            state, snapshot, hits, text=query, k=k, offset=offset, rerank_depth=rerank,
-            caption_hits=captions, timer=timer, query=query, query_truncated=truncated,
+            state, snapshot, hits, text=q, k=k, offset=offset, rerank_depth=rerank,
+            caption_hits=captions, timer=timer, query=q, query_truncated=truncated,
         )  # fmt: skip
 
     @router.get("/similar/{image_id}", response_model=SearchResponse, responses=problems(401, 404, 422))
@@ -112,17 +112,12 @@ def build(settings: Settings) -> APIRouter:
         )  # fmt: skip
 
     @router.post("/image", response_model=SearchResponse, responses=problems(401, 413, 415, 422))
-    async def search_by_upload(
-        state: State,
-        file: Annotated[UploadFile, File(description="The query image.")],
-        k: Annotated[int, Form(ge=1, le=settings.max_k)] = 20,
-        offset: Annotated[int, Form(ge=0, le=10_000)] = 0,
-        captions: Annotated[int, Form(ge=0, le=settings.max_caption_hits)] = 0,
-    ) -> SearchResponse:
+    async def search_by_upload(state: State, form: Annotated[SearchUploadForm, File()]) -> SearchResponse:
         """Image -> images for an uploaded image (multipart form field ``file``)."""
         timer = Timer(state)
+        k, offset, captions = form.k, form.offset, form.captions
         with timer.stage("decode_upload"):
-            data = await read_upload(file, settings.max_upload_bytes)
+            data = await read_upload(form.file, settings.max_upload_bytes)
             image = await asyncio.to_thread(decode_upload, data, settings.max_upload_pixels)
             pixels = await asyncio.to_thread(preprocess, [image], state.encoder.spec)
         with timer.stage("image_encode"):
