@@ -278,6 +278,67 @@ def test_empty_index_round_trip(tmp_path: Path) -> None:
     assert loaded.search(np.ones(4, np.float32), 1)[0].tolist() == [[5]]
 
 
+# Files written by the single-module vector_index.py (format 1, faiss 1.15), before it became a package.
+# Recipe: unit vectors from ``fixture_vectors(seed, n, 4, 8)``, ids ``arange(n) * step + offset``; flat:
+# 12 images (seed 0, ids 7i+3) less the 3rd and 6th, generation 17; IVF (sq8, nprobe 2): 40 images (seed
+# 1, ids 3i+1) less the first 4, generation 23; empty: generation 2. Both carry FIXTURE_INFO.
+DATA = Path(__file__).parent / "data"
+FIXTURE_INFO = {"catalog_uid": "fixture-uid", "model_key": "fixture-model"}
+
+
+def fixture_vectors(seed: int, n: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, 4, 8)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_files_of_the_first_format_still_load_and_are_written_identically(tmp_path: Path) -> None:
+    flat_ids = np.arange(12, dtype=np.int64) * 7 + 3
+    flat_vectors = fixture_vectors(0, 12)
+    flat, generation = MultiVectorIndex.load(DATA / "flat-v1.mvidx")
+    keep = np.ones(12, bool)
+    keep[[2, 5]] = False
+    assert (generation, flat.kind, flat.dim, flat.vectors_per_image, flat.info) == (
+        17,
+        "flat",
+        8,
+        4,
+        FIXTURE_INFO,
+    )
+    assert flat.ids().tolist() == flat_ids[keep].tolist()
+    np.testing.assert_array_equal(flat.get_vectors(flat_ids[keep]), as_stored(flat_vectors[keep]))
+    q = fixture_vectors(2, 1)[0]
+    truth = brute_maxsim(q, flat_vectors[keep])
+    got, scores = flat.search(q, 3)
+    for m in range(len(q)):
+        assert_exact_topk(got[m], scores[m], truth[m], flat_ids[keep], 3)
+    # The writer is unchanged: the same index built and saved today is the same bytes.
+    rebuilt = MultiVectorIndex.build(flat_ids, flat_vectors)
+    rebuilt.remove(flat_ids[[2, 5]])
+    rebuilt.info = FIXTURE_INFO
+    rebuilt.save(tmp_path / "flat.mvidx", 17)
+    assert (tmp_path / "flat.mvidx").read_bytes() == (DATA / "flat-v1.mvidx").read_bytes()
+    MultiVectorIndex().save(tmp_path / "empty.mvidx", 2)
+    assert (tmp_path / "empty.mvidx").read_bytes() == (DATA / "empty-v1.mvidx").read_bytes()
+    empty, generation = MultiVectorIndex.load(DATA / "empty-v1.mvidx")
+    assert generation == 2 and len(empty) == 0 and empty.dim is None
+
+    ivf_ids = np.arange(4, 40, dtype=np.int64) * 3 + 1
+    ivf_vectors = fixture_vectors(1, 40)[4:]
+    ivf, generation = MultiVectorIndex.load(DATA / "ivf-v1.mvidx")
+    assert (generation, ivf.kind, ivf.ivf_codec, ivf.nprobe, ivf.info) == (23, "ivf", "sq8", 2, FIXTURE_INFO)
+    assert (ivf.nlist, ivf.trained_images, ivf.is_trained) == (4, 40, True)
+    assert ivf.ids().tolist() == ivf_ids.tolist()
+    stored = ivf.get_vectors(ivf_ids)
+    np.testing.assert_allclose(stored, ivf_vectors, atol=0.05)
+    ivf.nprobe = 4  # every list: exact over the stored (SQ8-decoded) vectors
+    got, scores = ivf.search(q, 3)
+    truth = np.einsum("md,njd->mnj", q, stored).max(axis=2)
+    for m in range(len(q)):
+        assert_exact_topk(got[m], scores[m], truth[m], ivf_ids, 3)
+    ivf.add(ivf_ids[:2] - 1, ivf_vectors[:2])  # still mutable
+    assert len(ivf) == 38
+
+
 def test_damaged_files_are_refused(tmp_path: Path) -> None:
     rng = np.random.default_rng(8)
     path = tmp_path / "x.mvidx"
