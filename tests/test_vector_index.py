@@ -16,7 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from catalog.vector_index import IndexFileError, MultiVectorIndex, _TorchScan, auto_nlist
+from catalog.vector_index import IndexFileError, MultiVectorIndex, auto_nlist
+from catalog.vector_index.flat import FlatBackend
+from catalog.vector_index.gpu_scan import TorchScan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,9 +221,11 @@ def test_torch_scan_matches_faiss(half: bool) -> None:
     ids = rng.choice(100_000, n, replace=False).astype(np.int64)
     plain = MultiVectorIndex.build(ids[:400], vectors[:400])
     scanned = MultiVectorIndex.build(ids[:400], vectors[:400])
-    scanned._torch = _TorchScan("cpu", d, v, dtype=torch.float16 if half else torch.float32)
-    scanned._torch.CHUNK_IMAGES = 64  # several chunks
-    scanned._torch.add(scanned.get_vectors(scanned._ids))
+    backend = scanned._backend
+    assert isinstance(backend, FlatBackend)
+    backend.scan = TorchScan("cpu", d, v, dtype=torch.float16 if half else torch.float32)
+    backend.scan.CHUNK_IMAGES = 64  # several chunks
+    backend.scan.add(scanned.get_vectors(scanned._ids))
     for index in (plain, scanned):  # mutations keep the device copy in step
         index.add(ids[400:], vectors[400:])
         index.remove(ids[::5])
@@ -240,6 +244,26 @@ def test_torch_scan_matches_faiss(half: bool) -> None:
         got_ids, got_scores = scanned.search_by_image(image, 8, **kwargs)
         np.testing.assert_allclose(got_scores, want_scores, atol=1e-5)
         np.testing.assert_array_equal(got_ids, want_ids)
+
+
+def test_a_loaded_flat_index_copies_its_rows_to_the_scan(tmp_path: Path) -> None:
+    """The CUDA load path (the file's rows copied to the torch scan in steps of whole images), on the CPU."""
+    rng = np.random.default_rng(10)
+    ids = rng.choice(1000, 50, replace=False).astype(np.int64)
+    vectors = unit(rng, 50, 3, 8)
+    MultiVectorIndex.build(ids, vectors).save(tmp_path / "s.mvidx", 1)
+    loaded, _ = MultiVectorIndex.load(tmp_path / "s.mvidx")
+    q = unit(rng, 2, 8)
+    want_ids, want_scores = loaded.search(q, 7)
+    backend = loaded._backend
+    assert isinstance(backend, FlatBackend)
+    scan = TorchScan("cpu", 8, 3)
+    backend._copy_rows_to(scan, step_rows=10)  # 3 images a step: several steps, the last one short
+    np.testing.assert_array_equal(scan.vectors.numpy(), as_stored(vectors))
+    backend.scan = scan
+    got_ids, got_scores = loaded.search(q, 7)
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_allclose(got_scores, want_scores, atol=1e-5)
 
 
 # --- persistence ---------------------------------------------------------------------------------------
@@ -364,6 +388,7 @@ _SLOW_SAVER = textwrap.dedent(
     import sys, time
     import numpy as np
     from catalog import vector_index as vi
+    from catalog.vector_index import file_format
 
     path = sys.argv[1]
     rng = np.random.default_rng(0)
@@ -372,11 +397,11 @@ _SLOW_SAVER = textwrap.dedent(
     index.save(path, 1)
     print("saved", flush=True)
 
-    write = vi._CrcWriter.write
+    write = file_format.CrcWriter.write
     def slow_write(self, data):
         time.sleep(0.05)  # a slow disk, so the parent can kill us mid-save
         return write(self, data)
-    vi._CrcWriter.write = slow_write
+    file_format.CrcWriter.write = slow_write
     index.add(np.arange(400, 800), vectors)
     index.save(path, 2)
     print("saved again", flush=True)
