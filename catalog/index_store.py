@@ -31,8 +31,8 @@ from catalog.vector_index import (
     IvfCodec,
     MultiVectorIndex,
     auto_nlist,
-    resolve_device,
 )
+from catalog.vector_index import index_device as resolve_device  # "cpu" / "cuda", not a torch.device
 
 if TYPE_CHECKING:
     from blip2_search.settings import Settings

@@ -16,7 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from catalog.vector_index import IndexFileError, MultiVectorIndex, _TorchScan, auto_nlist
+from catalog.vector_index import IndexFileError, MultiVectorIndex, auto_nlist
+from catalog.vector_index.flat import FlatBackend
+from catalog.vector_index.gpu_scan import TorchScan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,9 +221,11 @@ def test_torch_scan_matches_faiss(half: bool) -> None:
     ids = rng.choice(100_000, n, replace=False).astype(np.int64)
     plain = MultiVectorIndex.build(ids[:400], vectors[:400])
     scanned = MultiVectorIndex.build(ids[:400], vectors[:400])
-    scanned._torch = _TorchScan("cpu", d, v, dtype=torch.float16 if half else torch.float32)
-    scanned._torch.CHUNK_IMAGES = 64  # several chunks
-    scanned._torch.add(scanned.get_vectors(scanned._ids))
+    backend = scanned._backend
+    assert isinstance(backend, FlatBackend)
+    backend.scan = TorchScan("cpu", d, v, dtype=torch.float16 if half else torch.float32)
+    backend.scan.CHUNK_IMAGES = 64  # several chunks
+    backend.scan.add(scanned.get_vectors(scanned._ids))
     for index in (plain, scanned):  # mutations keep the device copy in step
         index.add(ids[400:], vectors[400:])
         index.remove(ids[::5])
@@ -240,6 +244,26 @@ def test_torch_scan_matches_faiss(half: bool) -> None:
         got_ids, got_scores = scanned.search_by_image(image, 8, **kwargs)
         np.testing.assert_allclose(got_scores, want_scores, atol=1e-5)
         np.testing.assert_array_equal(got_ids, want_ids)
+
+
+def test_a_loaded_flat_index_copies_its_rows_to_the_scan(tmp_path: Path) -> None:
+    """The CUDA load path (the file's rows copied to the torch scan in steps of whole images), on the CPU."""
+    rng = np.random.default_rng(10)
+    ids = rng.choice(1000, 50, replace=False).astype(np.int64)
+    vectors = unit(rng, 50, 3, 8)
+    MultiVectorIndex.build(ids, vectors).save(tmp_path / "s.mvidx", 1)
+    loaded, _ = MultiVectorIndex.load(tmp_path / "s.mvidx")
+    q = unit(rng, 2, 8)
+    want_ids, want_scores = loaded.search(q, 7)
+    backend = loaded._backend
+    assert isinstance(backend, FlatBackend)
+    scan = TorchScan("cpu", 8, 3)
+    backend._copy_rows_to(scan, step_rows=10)  # 3 images a step: several steps, the last one short
+    np.testing.assert_array_equal(scan.vectors.numpy(), as_stored(vectors))
+    backend.scan = scan
+    got_ids, got_scores = loaded.search(q, 7)
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_allclose(got_scores, want_scores, atol=1e-5)
 
 
 # --- persistence ---------------------------------------------------------------------------------------
@@ -278,6 +302,67 @@ def test_empty_index_round_trip(tmp_path: Path) -> None:
     assert loaded.search(np.ones(4, np.float32), 1)[0].tolist() == [[5]]
 
 
+# Files written by the single-module vector_index.py (format 1, faiss 1.15), before it became a package.
+# Recipe: unit vectors from ``fixture_vectors(seed, n, 4, 8)``, ids ``arange(n) * step + offset``; flat:
+# 12 images (seed 0, ids 7i+3) less the 3rd and 6th, generation 17; IVF (sq8, nprobe 2): 40 images (seed
+# 1, ids 3i+1) less the first 4, generation 23; empty: generation 2. Both carry FIXTURE_INFO.
+DATA = Path(__file__).parent / "data"
+FIXTURE_INFO = {"catalog_uid": "fixture-uid", "model_key": "fixture-model"}
+
+
+def fixture_vectors(seed: int, n: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, 4, 8)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_files_of_the_first_format_still_load_and_are_written_identically(tmp_path: Path) -> None:
+    flat_ids = np.arange(12, dtype=np.int64) * 7 + 3
+    flat_vectors = fixture_vectors(0, 12)
+    flat, generation = MultiVectorIndex.load(DATA / "flat-v1.mvidx")
+    keep = np.ones(12, bool)
+    keep[[2, 5]] = False
+    assert (generation, flat.kind, flat.dim, flat.vectors_per_image, flat.info) == (
+        17,
+        "flat",
+        8,
+        4,
+        FIXTURE_INFO,
+    )
+    assert flat.ids().tolist() == flat_ids[keep].tolist()
+    np.testing.assert_array_equal(flat.get_vectors(flat_ids[keep]), as_stored(flat_vectors[keep]))
+    q = fixture_vectors(2, 1)[0]
+    truth = brute_maxsim(q, flat_vectors[keep])
+    got, scores = flat.search(q, 3)
+    for m in range(len(q)):
+        assert_exact_topk(got[m], scores[m], truth[m], flat_ids[keep], 3)
+    # The writer is unchanged: the same index built and saved today is the same bytes.
+    rebuilt = MultiVectorIndex.build(flat_ids, flat_vectors)
+    rebuilt.remove(flat_ids[[2, 5]])
+    rebuilt.info = FIXTURE_INFO
+    rebuilt.save(tmp_path / "flat.mvidx", 17)
+    assert (tmp_path / "flat.mvidx").read_bytes() == (DATA / "flat-v1.mvidx").read_bytes()
+    MultiVectorIndex().save(tmp_path / "empty.mvidx", 2)
+    assert (tmp_path / "empty.mvidx").read_bytes() == (DATA / "empty-v1.mvidx").read_bytes()
+    empty, generation = MultiVectorIndex.load(DATA / "empty-v1.mvidx")
+    assert generation == 2 and len(empty) == 0 and empty.dim is None
+
+    ivf_ids = np.arange(4, 40, dtype=np.int64) * 3 + 1
+    ivf_vectors = fixture_vectors(1, 40)[4:]
+    ivf, generation = MultiVectorIndex.load(DATA / "ivf-v1.mvidx")
+    assert (generation, ivf.kind, ivf.ivf_codec, ivf.nprobe, ivf.info) == (23, "ivf", "sq8", 2, FIXTURE_INFO)
+    assert (ivf.nlist, ivf.trained_images, ivf.is_trained) == (4, 40, True)
+    assert ivf.ids().tolist() == ivf_ids.tolist()
+    stored = ivf.get_vectors(ivf_ids)
+    np.testing.assert_allclose(stored, ivf_vectors, atol=0.05)
+    ivf.nprobe = 4  # every list: exact over the stored (SQ8-decoded) vectors
+    got, scores = ivf.search(q, 3)
+    truth = np.einsum("md,njd->mnj", q, stored).max(axis=2)
+    for m in range(len(q)):
+        assert_exact_topk(got[m], scores[m], truth[m], ivf_ids, 3)
+    ivf.add(ivf_ids[:2] - 1, ivf_vectors[:2])  # still mutable
+    assert len(ivf) == 38
+
+
 def test_damaged_files_are_refused(tmp_path: Path) -> None:
     rng = np.random.default_rng(8)
     path = tmp_path / "x.mvidx"
@@ -303,6 +388,7 @@ _SLOW_SAVER = textwrap.dedent(
     import sys, time
     import numpy as np
     from catalog import vector_index as vi
+    from catalog.vector_index import file_format
 
     path = sys.argv[1]
     rng = np.random.default_rng(0)
@@ -311,11 +397,11 @@ _SLOW_SAVER = textwrap.dedent(
     index.save(path, 1)
     print("saved", flush=True)
 
-    write = vi._CrcWriter.write
+    write = file_format.CrcWriter.write
     def slow_write(self, data):
         time.sleep(0.05)  # a slow disk, so the parent can kill us mid-save
         return write(self, data)
-    vi._CrcWriter.write = slow_write
+    file_format.CrcWriter.write = slow_write
     index.add(np.arange(400, 800), vectors)
     index.save(path, 2)
     print("saved again", flush=True)

@@ -15,7 +15,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
-from catalog.vector_index import MultiVectorIndex, resolve_device  # noqa: E402
+from catalog.vector_index import MultiVectorIndex, index_device  # noqa: E402
+from catalog.vector_index.flat import FlatBackend  # noqa: E402
+from catalog.vector_index.gpu_scan import TorchScan  # noqa: E402
 
 # GPU scores are float16 matmul outputs: about 5e-4 absolute on unit vectors.
 TOL = 2e-3
@@ -35,9 +37,15 @@ def check_topk(ids: np.ndarray, scores: np.ndarray, truth: np.ndarray, image_ids
     np.testing.assert_allclose(np.sort(truth)[::-1][:k], scores, atol=TOL)
 
 
+def scan_of(index: MultiVectorIndex) -> TorchScan | None:
+    """The flat index's GPU copy."""
+    assert isinstance(index._backend, FlatBackend)
+    return index._backend.scan
+
+
 def test_auto_device_is_cuda() -> None:
-    assert resolve_device("auto") == "cuda"
-    assert MultiVectorIndex(8, device="auto")._torch is not None
+    assert index_device("auto") == "cuda"
+    assert scan_of(MultiVectorIndex(8, device="auto")) is not None
 
 
 def test_flat_cuda_search_is_exact_within_float16(tmp_path: Path) -> None:
@@ -50,7 +58,7 @@ def test_flat_cuda_search_is_exact_within_float16(tmp_path: Path) -> None:
     gpu.add(ids[:100], vectors[:100])
     live_ids = np.concatenate([ids[500:], ids[:100]])
     live_vecs = np.concatenate([vectors[500:], vectors[:100]]).astype(np.float16).astype(np.float32)
-    assert len(live_ids) == len(gpu) == gpu._torch.vectors.shape[0]
+    assert len(live_ids) == len(gpu) == scan_of(gpu).vectors.shape[0]
     q = unit(rng, 4, d)
     got, scores = gpu.search(q, 25)
     truth = np.einsum("md,njd->mnj", q, live_vecs).max(axis=2)
@@ -70,7 +78,9 @@ def test_flat_cuda_search_is_exact_within_float16(tmp_path: Path) -> None:
     # Loading on the GPU rebuilds the device copy from the file.
     gpu.save(tmp_path / "g.mvidx", 5)
     loaded, generation = MultiVectorIndex.load(tmp_path / "g.mvidx", device="cuda")
-    assert generation == 5 and loaded._torch is not None and loaded._torch.vectors.shape == (len(gpu), v, d)
+    assert (
+        generation == 5 and scan_of(loaded) is not None and scan_of(loaded).vectors.shape == (len(gpu), v, d)
+    )
     _again, again_scores = loaded.search(q, 25)
     np.testing.assert_allclose(again_scores, gpu.search(q, 25)[1], atol=1e-6)
 
