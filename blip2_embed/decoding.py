@@ -234,10 +234,14 @@ class _Runner:
     def run(self, embeds: torch.Tensor, plan: GreedyPlan, rows: int) -> torch.Tensor:
         self.reset(embeds, plan)
         prefill, step = self.prefill, self.decode_step
-        if self.decoder.use_cuda_graphs:
-            if self.graphs is None:
+        if self.decoder.use_cuda_graphs and self.graphs is None:
+            try:
                 self.capture(embeds, plan)
-                self.reset(embeds, plan)
+            except RuntimeError as exc:  # still exact without graphs, only slower
+                log.warning("CUDA graph capture of the decode step failed (%s); decoding eagerly", exc)
+                self.decoder.use_cuda_graphs = False
+            self.reset(embeds, plan)
+        if self.decoder.use_cuda_graphs:
             prefill, step = self.graphs[0].replay, self.graphs[1].replay
         prefill()
         done = 1
@@ -283,6 +287,11 @@ class GreedyDecoder:
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.attn_implementation = model.config._attn_implementation
         self._runners: OrderedDict[tuple[int, int, int], _Runner] = OrderedDict()
+
+    def clear(self) -> None:
+        """Drop every cached shape (call after the model's weights were moved or re-cast: the graphs
+        read the old storage)."""
+        self._runners.clear()
 
     @property
     def supported(self) -> bool:
