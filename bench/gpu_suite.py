@@ -206,8 +206,12 @@ def row_embed(suite: Suite, st: dict) -> None:
         measure("fp32_qformer")
         enc.set_qformer_dtype(torch.bfloat16)
         measure("bf16_qformer")
-        bf16_ok = all(
-            r["cosine_to_fp32_min"] >= 0.9999 for r in out["variants"] if r["variant"] == "bf16_qformer"
+        rows = {(r["variant"], r["batch"]): r for r in out["variants"]}
+        top = max(batches)
+        # Kept for the later rows only where the numbers justify it: as close as promised, and faster
+        # (bf16 matmuls are slow on most CPUs).
+        bf16_ok = all(rows["bf16_qformer", bs]["cosine_to_fp32_min"] >= 0.9999 for bs in batches) and (
+            rows["bf16_qformer", top]["ours_img_per_s"] > rows["fp32_qformer", top]["ours_img_per_s"]
         )
         out["bf16_qformer_kept"] = bf16_ok
         if not bf16_ok:
@@ -236,8 +240,8 @@ def row_embed(suite: Suite, st: dict) -> None:
 def restore_fp32_qformers(st: dict) -> None:
     for m in (st["retrieval"], st["caption"]):
         qf, qt = st["fp32_qformers"][id(m)]
+        m.qformer.float()  # first: loading fp32 values into bf16 parameters would round them
         m.qformer.load_state_dict(qf.state_dict())
-        m.qformer.float()
         m.query_tokens.data = qt.clone()
     for graphed in st["enc"]._graphed.values():
         graphed.clear()
@@ -352,6 +356,40 @@ def row_caption_exactness_fp32(suite: Suite, st: dict) -> None:
         finally:
             lm.half() if suite.dtype == torch.float16 else lm.to(suite.dtype)
             enc._decoder.clear()  # its graphs point at the weights' old storage
+
+
+def row_capturable(suite: Suite, st: dict) -> None:
+    """Without a GPU: every function the GPU captures traces as one TorchDynamo graph (no host sync,
+    no branch on tensor values), which is what a CUDA-graph capture needs."""
+    if suite.cuda:
+        return
+    enc = st["enc"]
+    with suite.row("capturable") as out:
+        s = st["shape"].image_size
+        pixels = torch.randn(2, 3, s, s)
+        hidden = enc._vit(pixels)
+        tok = enc._tokenize([TEXT, "a cat"])  # two lengths: a padded batch, so 4D masks
+        (text_mask,) = enc._mask_4d(tok["attention_mask"])
+        (itm_mask,) = enc._mask_4d(
+            torch.cat([torch.ones(2, enc.num_queries, dtype=torch.long), tok["attention_mask"]], 1)
+        )
+        runner = enc._decoder._runner(2, 20, 4)
+        plan = greedy_plan(enc._decoder.model.generation_config, 20, max_new_tokens=4, pad_token_id=1)
+        runner.reset(torch.randn(2, 20, enc._decoder.model.get_input_embeddings().embedding_dim), plan)
+        calls = {
+            "vit": (enc._vit, (pixels,)),
+            "itc_image": (enc._itc_image, (hidden,)),
+            "itc_text": (enc._itc_text, (tok["input_ids"], text_mask)),
+            "itm": (enc._itm_logits, (hidden, tok["input_ids"], itm_mask)),
+            "soft_prompt": (enc._soft_prompt, (hidden,)),
+            "decode_prefill": (runner.prefill, ()),
+            "decode_step": (runner.decode_step, ()),
+        }
+        for name, (fn, args) in calls.items():
+            torch._dynamo.reset()
+            torch.compile(fn, backend="eager", fullgraph=True)(*args)
+            out[name] = "one graph"
+        torch._dynamo.reset()
 
 
 def row_memory(suite: Suite, st: dict) -> None:
@@ -710,6 +748,7 @@ def run_rows(suite: Suite, st: dict, skip: set[str], work: Path) -> None:
         row_text_itm(suite, st)
     if "captions" not in skip:
         row_captions(suite, st)
+    row_capturable(suite, st)
     row_memory(suite, st)
     # Tiny runs shrink the photos too (a 2-core box decodes 12 MP at ~3/s); the detail file says so.
     small, large = (0.3, 2.0) if args.tiny else (2.0, 12.0)

@@ -8,7 +8,7 @@
 # It installs nothing and fetches nothing. It runs under the GPU machine's python3, which has torch,
 # transformers and torchvision; the project's other dependencies (FastAPI, SQLAlchemy, faiss, ...)
 # travel as wheels in .whl/ (made here by bench/gpu_suite_wheels.sh; name .whl in the device call's
-# carry), which are unzipped into a temporary folder put on PYTHONPATH.
+# carry), which are unzipped into a temporary folder put on PYTHONPATH when that python lacks them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +16,7 @@ PY=${PYTHON:-}
 if [ -z "$PY" ]; then
     if [ -x .venv/bin/python ] && ! command -v nvidia-smi >/dev/null 2>&1; then PY=.venv/bin/python; else PY=python3; fi
 fi
-if compgen -G ".whl/*.whl" >/dev/null; then
+if compgen -G ".whl/*.whl" >/dev/null && ! "$PY" -c "import fastapi, sqlalchemy, faiss, pydantic_settings" 2>/dev/null; then
     SITE=$(mktemp -d)
     "$PY" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' "$SITE" .whl/*.whl
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"

@@ -225,9 +225,10 @@ class _Runner:
         torch.cuda.current_stream().wait_stream(side)
         self.reset(embeds, plan)
         prefill_graph, step_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(prefill_graph, pool=pool):
+        # thread_local: the API searches the vector index on other threads while this one captures.
+        with torch.cuda.graph(prefill_graph, pool=pool, capture_error_mode="thread_local"):
             self.prefill()
-        with torch.cuda.graph(step_graph, pool=pool):
+        with torch.cuda.graph(step_graph, pool=pool, capture_error_mode="thread_local"):
             self.decode_step()
         self.graphs = (prefill_graph, step_graph)
 
@@ -270,7 +271,7 @@ class GreedyDecoder:
         model: PreTrainedModel,
         *,
         use_cuda_graphs: bool | None = None,
-        max_shapes: int = 8,
+        max_shapes: int = 4,
         check_every: int = 4,
     ) -> None:
         self.model = model

@@ -117,7 +117,8 @@ class GraphedFunction:
                 self.fn(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the API searches the vector index on other threads while this one captures.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             outputs = self.fn(*inputs)
         self.captures += 1
         return _Graph(graph, inputs, outputs)
