@@ -107,7 +107,8 @@ def latency(ours: dict, plain: dict) -> dict:
     }
 
 
-def build(tiny: bool, device: torch.device, dtype: torch.dtype):
+def build(tiny: bool, device: torch.device, dtype: torch.dtype, **encoder_kwargs: object):
+    """Random-weight retrieval + caption models (same ViT blocks) and the encoder over them."""
     shape = TinyShape() if tiny else FULL
     bert = build_bert_tokenizer(max_len=shape.max_text_len)
     opt = build_opt_tokenizer()
@@ -127,7 +128,9 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype):
         model.qformer.float()
         model.query_tokens.data = model.query_tokens.data.float()
     spec = ImageSpec(size=shape.image_size, mean=ImageSpec.DEFAULT.mean, std=ImageSpec.DEFAULT.std)
-    enc = Blip2Encoder(retrieval, bert, caption, opt, spec, retrieval_name="bench", caption_name="bench")
+    enc = Blip2Encoder(
+        retrieval, bert, caption, opt, spec, retrieval_name="bench", caption_name="bench", **encoder_kwargs
+    )
     return enc, retrieval, caption, bert, shape
 
 

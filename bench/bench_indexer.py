@@ -94,6 +94,16 @@ def plain_loop(paths: list[Path], checkpoint: str, batch_size: int) -> float:
     dtype = torch.float16 if device == "cuda" else torch.float32
     model = Blip2ForImageTextRetrieval.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
     processor = BlipImageProcessor.from_pretrained(checkpoint)
+    rate = plain_model_loop(paths, model, processor, batch_size)
+    del model
+    return rate
+
+
+def plain_model_loop(paths: list[Path], model, processor, batch_size: int) -> float:
+    """images/s of ``plain_loop`` with a model already loaded."""
+    import torch
+
+    device, dtype = model.device, model.vision_model.embeddings.patch_embedding.weight.dtype
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(paths), batch_size):
@@ -107,20 +117,24 @@ def plain_loop(paths: list[Path], checkpoint: str, batch_size: int) -> float:
                 encoder_attention_mask=mask,
             ).last_hidden_state
             torch.nn.functional.normalize(model.vision_projection(q.to(dtype)), dim=-1).float().cpu()
-    if device == "cuda":
+    if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    del model
     return len(paths) / elapsed
 
 
-def indexer_run(paths: list[Path], checkpoint: str, batch_size: int, workers: int, work: Path) -> dict:
+def indexer_run(
+    paths: list[Path], checkpoint: str | None, batch_size: int, workers: int, work: Path, encoder=None
+) -> dict:
+    """``run_index`` end to end into a fresh SQLite catalog under ``work`` (``encoder``: an already
+    loaded one, else ``checkpoint`` is loaded)."""
     from blip2_embed.encoder import Blip2Encoder
     from catalog.db import make_engine, session_factory, upgrade
     from indexer.index_sync import catch_up_index
     from indexer.run import IndexOptions, run_index
 
-    encoder = Blip2Encoder.from_pretrained(retrieval=checkpoint, caption=None, batch_size=batch_size)
+    if encoder is None:
+        encoder = Blip2Encoder.from_pretrained(retrieval=checkpoint, caption=None, batch_size=batch_size)
     url = f"sqlite:///{work / 'catalog.db'}"
     upgrade(url)
     engine = make_engine(url)

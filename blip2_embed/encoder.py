@@ -20,6 +20,8 @@ from PIL import Image
 from torch import nn
 from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, PreTrainedTokenizerBase
 
+from blip2_embed.decoding import GreedyDecoder, greedy_plan
+from blip2_embed.graphs import GraphedFunction, attention_mask_4d
 from blip2_embed.images import ImageSpec, preprocess
 from blip2_embed.loading import load_pretrained, load_tokenizer, model_key, resolve_device, resolve_dtype
 
@@ -71,13 +73,15 @@ def vision_trunk(vision_model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def query_output(model: nn.Module, image_embeds: torch.Tensor) -> torch.Tensor:
-    """Q-Former over the learned queries with cross-attention to the image: (N, 32, H)."""
+    """Q-Former over the learned queries with cross-attention to the image: (N, 32, H).
+
+    Every image token is attended, so no mask is passed: transformers drops an all-ones mask for SDPA
+    anyway (after a host-side check that a CUDA graph could not capture), and eager attention adds zeros.
+    """
     n = image_embeds.shape[0]
-    mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
     out = model.qformer(
         query_embeds=model.query_tokens.expand(n, -1, -1),
         encoder_hidden_states=image_embeds,
-        encoder_attention_mask=mask,
         return_dict=True,
     )
     return out.last_hidden_state
@@ -97,6 +101,12 @@ class Blip2Encoder:
     :class:`VisionFeatures`, works in chunks of ``batch_size`` and runs under ``torch.inference_mode``.
     Image decoding is the caller's job (see ``blip2_embed.images.decode_for_model``), so worker
     processes can do it while this object keeps the accelerator busy.
+
+    Fast paths (docs/blip2_embed.md), each on by default on CUDA only: ``cuda_graphs`` replays the
+    ViT (batches up to ``graph_max_batch``) and the Q-Former calls (up to 4x that) from CUDA graphs;
+    ``fast_decode`` makes greedy captions with :class:`blip2_embed.decoding.GreedyDecoder` (static KV
+    cache, one graph replay per token) instead of ``generate``; other decoding options still go to
+    ``generate``.
     """
 
     def __init__(
@@ -110,6 +120,9 @@ class Blip2Encoder:
         retrieval_name: str = "",
         caption_name: str = "",
         batch_size: int = 32,
+        cuda_graphs: bool | None = None,
+        fast_decode: bool | None = None,
+        graph_max_batch: int = 16,
     ) -> None:
         if retrieval is None and caption is None:
             raise ValueError("at least one of the retrieval and caption models is needed")
@@ -133,6 +146,53 @@ class Blip2Encoder:
         self.caption_key = (
             model_key(caption_name, caption.language_projection.weight) if caption is not None else None
         )
+        on_cuda = self.device.type == "cuda"
+        self.graph_max_batch = graph_max_batch
+        graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs) and on_cuda
+        pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.text_pad_multiple = 8 if graphs else 1
+        self._graphed = {
+            name: GraphedFunction(fn, enabled=graphs, name=name, pool=pool)
+            for name, fn in (
+                ("vit", self._vit),
+                ("itc_image", self._itc_image),
+                ("itc_text", self._itc_text),
+                ("itm", self._itm_logits),
+                ("soft_prompt", self._soft_prompt),
+            )
+        }
+        self._decoder: GreedyDecoder | None = None
+        if caption is not None and (on_cuda if fast_decode is None else fast_decode):
+            self._decoder = GreedyDecoder(caption.language_model)
+            if not self._decoder.supported:
+                log.info("attention %r: captions use generate", caption.config._attn_implementation)
+                self._decoder = None
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self._graphed["vit"].enabled
+
+    @property
+    def fast_decode(self) -> bool:
+        return self._decoder is not None
+
+    def set_qformer_dtype(self, dtype: torch.dtype) -> None:
+        """Run both Q-Formers (and their query tokens) in ``dtype``; transformers keeps them in fp32.
+
+        bf16 is the measured fast setting on GPUs (docs/blip2_embed.md gives its cosine to fp32).
+        """
+        for model in (self.retrieval, self.caption_model):
+            if model is not None:
+                model.qformer.to(dtype)
+                model.query_tokens.data = model.query_tokens.data.to(dtype)
+        for graphed in self._graphed.values():
+            graphed.clear()
+
+    def _graph(self, name: str, batch: int, *args: torch.Tensor) -> torch.Tensor:
+        """``name``'s function, from a CUDA graph when the batch is small enough to be launch-bound."""
+        limit = self.graph_max_batch if name == "vit" else 4 * self.graph_max_batch
+        graphed = self._graphed[name]
+        return graphed(*args) if batch <= limit else graphed.fn(*args)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -144,18 +204,29 @@ class Blip2Encoder:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         batch_size: int = 32,
+        qformer_dtype: str | torch.dtype | None = None,
+        attn_implementation: str | None = None,
+        cuda_graphs: bool | None = None,
+        fast_decode: bool | None = None,
     ) -> Blip2Encoder:
-        """Load either or both checkpoints (hub id or folder); ``None`` skips one."""
+        """Load either or both checkpoints (hub id or folder); ``None`` skips one.
+
+        ``qformer_dtype`` (e.g. bf16) overrides transformers' fp32 Q-Former; ``attn_implementation``
+        is passed to ``from_pretrained`` (transformers 5 picks ``sdpa`` for BLIP-2 by default).
+        """
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        load_kwargs: dict[str, object] = {"dtype": dt}
+        if attn_implementation:
+            load_kwargs["attn_implementation"] = attn_implementation
         r_model = r_tok = c_model = c_tok = None
         spec_source = None
         if retrieval:
-            r_model = load_pretrained(Blip2ForImageTextRetrieval, retrieval, "retrieval", dtype=dt)
+            r_model = load_pretrained(Blip2ForImageTextRetrieval, retrieval, "retrieval", **load_kwargs)
             r_tok = load_tokenizer(retrieval, "retrieval")
             spec_source = retrieval
         if caption:
-            c_model = load_pretrained(Blip2ForConditionalGeneration, caption, "caption", dtype=dt)
+            c_model = load_pretrained(Blip2ForConditionalGeneration, caption, "caption", **load_kwargs)
             c_tok = load_tokenizer(caption, "caption")
             spec_source = spec_source or caption
         if retrieval is None and caption is None:
@@ -171,7 +242,7 @@ class Blip2Encoder:
                     f"the retrieval model takes {spec.size}px images and the caption model {other.size}px; "
                     "pick checkpoints with the same input size"
                 )
-        return cls(
+        encoder = cls(
             r_model,
             r_tok,
             c_model,
@@ -180,7 +251,12 @@ class Blip2Encoder:
             retrieval_name=retrieval or "",
             caption_name=caption or "",
             batch_size=batch_size,
+            cuda_graphs=cuda_graphs,
+            fast_decode=fast_decode,
         )
+        if qformer_dtype is not None:
+            encoder.set_qformer_dtype(resolve_dtype(qformer_dtype, dev))
+        return encoder
 
     def _share_vit_blocks(self) -> bool:
         """Use one copy of the ViT blocks when both checkpoints hold identical ones.
@@ -194,6 +270,8 @@ class Blip2Encoder:
             log.info("retrieval and caption ViT blocks differ: each model runs its own ViT")
             return False
         cv.embeddings, cv.encoder = rv.embeddings, rv.encoder
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the caption copy's ~2 GB back
         log.info("retrieval and caption checkpoints share identical ViT blocks: running them once")
         return True
 
@@ -255,9 +333,11 @@ class Blip2Encoder:
             yield self._vision_features_batch(self.to_pixels(images[sl]))
 
     # ------------------------------------------------------------------ vision
+    def _vit(self, pixels: torch.Tensor) -> torch.Tensor:
+        return vision_trunk((self.retrieval or self.caption_model).vision_model, pixels)
+
     def _vision_features_batch(self, pixels: torch.Tensor) -> VisionFeatures:
-        trunk = (self.retrieval or self.caption_model).vision_model
-        hidden = vision_trunk(trunk, pixels)
+        hidden = self._graph("vit", pixels.shape[0], pixels)
         keep_pixels = self.retrieval is not None and self.caption_model is not None and not self.shared_vit
         return VisionFeatures(hidden=hidden, pixels=pixels if keep_pixels else None)
 
@@ -272,33 +352,37 @@ class Blip2Encoder:
             pixels=None if parts[0].pixels is None else torch.cat([p.pixels for p in parts]),
         )
 
-    def _retrieval_image_embeds(self, feats: VisionFeatures) -> torch.Tensor:
-        model = self._need_retrieval()
-        return model.vision_model.post_layernorm(feats.hidden)
-
-    def _caption_image_embeds(self, feats: VisionFeatures) -> torch.Tensor:
+    def _caption_hidden(self, feats: VisionFeatures) -> torch.Tensor:
+        """The caption model's ViT blocks' output (before its own final LayerNorm)."""
         model = self._need_caption()
         if self.retrieval is None or self.shared_vit:
-            return model.vision_model.post_layernorm(feats.hidden)
+            return feats.hidden
         if feats._caption_hidden is None:
             if feats.pixels is None:
                 raise ValueError("these features lack the pixels the caption model's own ViT needs")
             feats._caption_hidden = vision_trunk(model.vision_model, feats.pixels)
-        return model.vision_model.post_layernorm(feats._caption_hidden)
+        return feats._caption_hidden
 
     # ------------------------------------------------------------------ ITC
     @torch.inference_mode()
     def embed_images(self, images: ImageInput) -> np.ndarray:
         """ITC image embeddings, float32 (N, 32, D), each of the 32 query vectors L2-normalised."""
-        model = self._need_retrieval()
+        self._need_retrieval()
         out = []
         for feats in self._features_chunks(images):
-            query = query_output(model, self._retrieval_image_embeds(feats))
-            proj = model.vision_projection(query.to(model.vision_projection.weight.dtype))
-            out.append(nn.functional.normalize(proj.float(), dim=-1).cpu().numpy())
+            out.append(self._graph("itc_image", len(feats), feats.hidden).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.num_queries, self.embed_dim), np.float32)
 
+    def _itc_image(self, hidden: torch.Tensor) -> torch.Tensor:
+        model = self.retrieval
+        query = query_output(model, model.vision_model.post_layernorm(hidden))
+        proj = model.vision_projection(query.to(model.vision_projection.weight.dtype))
+        return nn.functional.normalize(proj.float(), dim=-1)
+
     def _tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Token ids and the padding mask, on the host. The length is padded up to a multiple of
+        ``text_pad_multiple`` (8 with CUDA graphs, so a handful of graphs serve every text length;
+        padding is masked out)."""
         tok = self.retrieval_tokenizer
         enc = tok(
             list(texts),
@@ -308,7 +392,20 @@ class Blip2Encoder:
             return_tensors="pt",
             return_token_type_ids=False,
         )
-        return {k: v.to(self.device) for k, v in enc.items()}
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        multiple = self.text_pad_multiple
+        extra = min(-(-ids.shape[1] // multiple) * multiple, self.max_text_tokens) - ids.shape[1]
+        if extra > 0:
+            ids = nn.functional.pad(ids, (0, extra), value=tok.pad_token_id or 0)
+            mask = nn.functional.pad(mask, (0, extra), value=0)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def _mask_4d(self, mask: torch.Tensor) -> list[torch.Tensor]:
+        """``[]`` when nothing is padded, else ``[the 4D mask]`` on the device (see graphs.py)."""
+        model = self._need_retrieval()
+        dtype = model.qformer.layernorm.weight.dtype
+        full = attention_mask_4d(mask, model.qformer.config._attn_implementation, dtype)
+        return [] if full is None else [full.to(self.device, non_blocking=True)]
 
     def text_truncation(self, texts: Sequence[str]) -> list[bool]:
         """Which texts are longer than the Q-Former takes (they are cut to ``max_text_tokens``)."""
@@ -322,7 +419,7 @@ class Blip2Encoder:
         Texts longer than ``max_text_tokens`` are truncated and a warning names them; call
         ``text_truncation`` to learn which ones in code.
         """
-        model = self._need_retrieval()
+        self._need_retrieval()
         if isinstance(texts, str):
             raise TypeError("embed_texts takes a list of strings")
         cut = [i for i, t in enumerate(self.text_truncation(texts)) if t] if texts else []
@@ -336,19 +433,25 @@ class Blip2Encoder:
         out = []
         for sl in self._chunks(len(texts)):
             enc = self._tokenize(texts[sl])
-            emb = model.embeddings(input_ids=enc["input_ids"])
-            hidden = model.qformer(
-                query_embeds=emb, query_length=0, attention_mask=enc["attention_mask"], return_dict=True
-            ).last_hidden_state
-            cls_vec = hidden[:, 0, :].to(model.text_projection.weight.dtype)
-            out.append(nn.functional.normalize(model.text_projection(cls_vec).float(), dim=-1).cpu().numpy())
+            ids = enc["input_ids"].to(self.device, non_blocking=True)
+            vecs = self._graph("itc_text", ids.shape[0], ids, *self._mask_4d(enc["attention_mask"]))
+            out.append(vecs.cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+    def _itc_text(self, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        model = self.retrieval
+        emb = model.embeddings(input_ids=input_ids)
+        hidden = model.qformer(
+            query_embeds=emb, query_length=0, attention_mask=mask, return_dict=True
+        ).last_hidden_state
+        cls_vec = hidden[:, 0, :].to(model.text_projection.weight.dtype)
+        return nn.functional.normalize(model.text_projection(cls_vec).float(), dim=-1)
 
     # ------------------------------------------------------------------ ITM
     @torch.inference_mode()
     def itm(self, images: ImageInput, texts: str | Sequence[str]) -> ItmResult:
         """Image-text matching: one text against every image, or N (image, text) pairs."""
-        model = self._need_retrieval()
+        self._need_retrieval()
         n = len(images)
         pair_texts = [texts] * n if isinstance(texts, str) else list(texts)
         if len(pair_texts) != n:
@@ -358,28 +461,34 @@ class Blip2Encoder:
         for feats in self._features_chunks(images):
             batch_texts = pair_texts[start : start + len(feats)]
             start += len(feats)
-            image_embeds = self._retrieval_image_embeds(feats)
             enc = self._tokenize(batch_texts)
-            b = image_embeds.shape[0]
-            queries = model.query_tokens.expand(b, -1, -1)
-            attention = torch.cat(
-                [torch.ones(queries.shape[:-1], dtype=torch.long, device=self.device), enc["attention_mask"]],
-                dim=1,
-            )
-            embeds = model.embeddings(input_ids=enc["input_ids"], query_embeds=queries)
-            image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
-            hidden = model.qformer(
-                query_embeds=embeds,
-                query_length=queries.shape[1],
-                attention_mask=attention,
-                encoder_hidden_states=image_embeds,
-                encoder_attention_mask=image_mask,
-                return_dict=True,
-            ).last_hidden_state
-            head = model.itm_head(hidden[:, : queries.shape[1], :].to(model.itm_head.weight.dtype))
-            logits.append(head.mean(dim=1).float().cpu())
+            b = len(feats)
+            # The queries are never padded: [queries; text] is masked where the text is.
+            queries = torch.ones(b, self.num_queries, dtype=torch.long)
+            attention = torch.cat([queries, enc["attention_mask"]], dim=1)
+            ids = enc["input_ids"].to(self.device, non_blocking=True)
+            head = self._graph("itm", b, feats.hidden, ids, *self._mask_4d(attention))
+            logits.append(head.cpu())
         all_logits = torch.cat(logits) if logits else torch.zeros((0, 2))
         return ItmResult(probs=all_logits.softmax(dim=-1)[:, 1].numpy(), logits=all_logits.numpy())
+
+    def _itm_logits(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """ITM logits (B, 2) in fp32: the head on the 32 query outputs, averaged."""
+        model = self.retrieval
+        image_embeds = model.vision_model.post_layernorm(hidden)
+        queries = model.query_tokens.expand(hidden.shape[0], -1, -1)
+        embeds = model.embeddings(input_ids=input_ids, query_embeds=queries)
+        out = model.qformer(
+            query_embeds=embeds,
+            query_length=queries.shape[1],
+            attention_mask=mask,
+            encoder_hidden_states=image_embeds,
+            return_dict=True,
+        ).last_hidden_state
+        head = model.itm_head(out[:, : queries.shape[1], :].to(model.itm_head.weight.dtype))
+        return head.mean(dim=1).float()
 
     # ------------------------------------------------------------------ captions
     def _prompt_ids(self, prompt: str | None) -> torch.Tensor:
@@ -415,29 +524,39 @@ class Blip2Encoder:
         embed_tokens = model.get_input_embeddings()
         pad = self.caption_tokenizer.pad_token_id
         tokens: list[list[int]] = []
+        options = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "pad_token_id": pad}
+        options.update(generate_kwargs)
+        lm = model.language_model
+        plan = greedy_plan(lm.generation_config, prompt_ids.shape[1], **options) if self._decoder else None
         for feats in self._features_chunks(images):
-            image_embeds = self._caption_image_embeds(feats)
-            query = query_output(model, image_embeds).to(image_embeds.dtype)
-            soft_prompt = model.language_projection(query)
+            soft_prompt = self._graph("soft_prompt", len(feats), self._caption_hidden(feats))
             input_ids = prompt_ids.expand(soft_prompt.shape[0], -1)
             inputs_embeds = embed_tokens(input_ids)
             image_mask = (input_ids == model.config.image_token_index).unsqueeze(-1)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, soft_prompt.to(inputs_embeds.dtype))
-            out = model.language_model.generate(
-                inputs_embeds=inputs_embeds,
-                attention_mask=torch.ones_like(input_ids),
-                input_ids=input_ids,
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-                pad_token_id=pad,
-                **generate_kwargs,
-            )
-            for row in out[:, input_ids.shape[1] :].tolist():
+            if plan is not None:
+                new = self._decoder.generate(inputs_embeds, plan)
+            else:
+                out = lm.generate(
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=torch.ones_like(input_ids),
+                    input_ids=input_ids,
+                    **options,
+                )
+                new = out[:, input_ids.shape[1] :]
+            for row in new.tolist():
                 # Finished sequences are padded to the longest one; drop the padding.
                 while row and row[-1] == pad:
                     row.pop()
                 tokens.append(row)
         return tokens
+
+    def _soft_prompt(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The caption Q-Former's 32 outputs projected into the LM's embedding space: (N, 32, E)."""
+        model = self.caption_model
+        image_embeds = model.vision_model.post_layernorm(hidden)
+        query = query_output(model, image_embeds).to(image_embeds.dtype)
+        return model.language_projection(query)
 
     def caption(
         self,
