@@ -12,7 +12,7 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import numpy as np
 import torch
@@ -55,6 +55,7 @@ class VisionFeatures:
         )
 
 
+_Part = TypeVar("_Part")
 ImageInput = Union[Sequence[Image.Image], np.ndarray, torch.Tensor, VisionFeatures]  # noqa: UP007
 
 
@@ -95,6 +96,12 @@ def _same_weights(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(
         sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa
     )
+
+
+def _loaded(part: _Part | None, what: str) -> _Part:
+    if part is None:
+        raise RuntimeError(f"this encoder was loaded without {what}")
+    return part
 
 
 class Blip2Encoder:
@@ -302,24 +309,16 @@ class Blip2Encoder:
         return int(min(limit, model_max))
 
     def _need_retrieval(self) -> Blip2ForImageTextRetrieval:
-        if self.retrieval is None:
-            raise RuntimeError("this encoder was loaded without a retrieval model (ITC/ITM)")
-        return self.retrieval
+        return _loaded(self.retrieval, "a retrieval model (ITC/ITM)")
 
     def _need_caption(self) -> Blip2ForConditionalGeneration:
-        if self.caption_model is None:
-            raise RuntimeError("this encoder was loaded without a caption model")
-        return self.caption_model
+        return _loaded(self.caption_model, "a caption model")
 
     def _need_retrieval_tokenizer(self) -> PreTrainedTokenizerBase:
-        if self.retrieval_tokenizer is None:
-            raise RuntimeError("this encoder was loaded without a retrieval tokenizer")
-        return self.retrieval_tokenizer
+        return _loaded(self.retrieval_tokenizer, "a retrieval tokenizer")
 
     def _need_caption_tokenizer(self) -> PreTrainedTokenizerBase:
-        if self.caption_tokenizer is None:
-            raise RuntimeError("this encoder was loaded without a caption tokenizer")
-        return self.caption_tokenizer
+        return _loaded(self.caption_tokenizer, "a caption tokenizer")
 
     # ------------------------------------------------------------------ inputs
     def to_pixels(self, images: Sequence[Image.Image] | np.ndarray | torch.Tensor) -> torch.Tensor:
