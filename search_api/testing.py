@@ -65,9 +65,9 @@ def index_folder(settings: Settings, encoder, folder: Path) -> object:
             roots=[folder],
             batch_size=8,
             workers=0,
-            thumbnail_dir=settings.thumbnail_dir or settings.data_dir / "thumbnails",
+            thumbnail_dir=settings.resolved_thumbnail_dir,
             thumbnail_size=settings.thumbnail_size,
-            model_input_dir=settings.model_input_dir,
+            model_input_dir=settings.resolved_model_input_dir,
             fast_jpeg=settings.fast_jpeg,
             max_pixels=settings.max_image_pixels,
         )
@@ -84,12 +84,7 @@ def free_port() -> int:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """Environment variables that reproduce ``settings`` in a child process."""
-    env = {}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        env[f"BLIP2_{name.upper()}"] = str(value)
-    return env
+    return settings.as_env()
 
 
 class ServerProcess:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from blip2_embed.encoder import clean_text
 from catalog import repository as repo
-from catalog.index_store import IndexOptions, build_from_catalog, index_path
+from catalog.index_store import VectorIndexOptions, build_from_catalog, index_path
 from catalog.vector_index import MultiVectorIndex
 from indexer.report import render_summary
 from indexer.roots import RootScope, plan_roots
@@ -330,7 +330,7 @@ def test_a_rebuild_while_a_run_is_unpublished_equals_the_published_index(env: En
         while not marker.exists():
             assert run.is_alive() and time.monotonic() < deadline, "the run never reached before-publish"
             time.sleep(0.02)
-        rebuilt = build_from_catalog(env.engine, key, IndexOptions(kind="flat", device="cpu"))
+        rebuilt = build_from_catalog(env.engine, key, VectorIndexOptions(kind="flat", device="cpu"))
         state = _state(env)
         assert state.open_generation == state.published_generation + 1 == first.generation + 1  # still open
     finally:

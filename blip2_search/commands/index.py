@@ -55,6 +55,7 @@ def index(
     from rich.console import Console
 
     from catalog.db import make_engine, session_factory, upgrade
+    from catalog.index_store import VectorIndexOptions
     from catalog.paths import encode_path
     from indexer.index_sync import catch_up_index
     from indexer.report import RichProgress, render_summary
@@ -83,9 +84,9 @@ def index(
         caption_prompt=caption_prompt,
         dry_run=dry_run,
         include_hidden=settings.index_include_hidden,
-        thumbnail_dir=settings.thumbnail_dir or settings.data_dir / "thumbnails",
+        thumbnail_dir=settings.resolved_thumbnail_dir,
         thumbnail_size=settings.thumbnail_size,
-        model_input_dir=settings.model_input_dir,
+        model_input_dir=settings.resolved_model_input_dir,
         fast_jpeg=settings.fast_jpeg,
         max_pixels=settings.max_image_pixels,
         hash_threads=settings.index_hash_threads,
@@ -106,7 +107,7 @@ def index(
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         if not dry_run:
-            writer_lock = _hold_writer_lock(settings.data_dir / "indexer.lock")
+            writer_lock = _hold_writer_lock(settings.resolved_indexer_lock)
         upgrade(url)  # idempotent; a fresh data dir just works (a dry run too: an empty schema)
         engine = make_engine(url)
         sessions = session_factory(engine)
@@ -118,7 +119,10 @@ def index(
             progress=progress,
             stop=stop,
             after_publish=lambda s: catch_up_index(
-                engine, encoder.retrieval_key, settings.resolved_vector_index_dir, settings
+                engine,
+                encoder.retrieval_key,
+                settings.resolved_vector_index_dir,
+                VectorIndexOptions(**settings.vector_index_options()),
             ),
         )
     except typer.Exit:
