@@ -23,7 +23,13 @@ from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetriev
 from blip2_embed.decoding import GreedyDecoder, greedy_plan
 from blip2_embed.graphs import GraphedFunction, attention_mask_4d
 from blip2_embed.images import ImageSpec, preprocess
-from blip2_embed.loading import load_pretrained, load_tokenizer, model_key, resolve_torch_device, resolve_dtype
+from blip2_embed.loading import (
+    load_pretrained,
+    load_tokenizer,
+    model_key,
+    resolve_dtype,
+    resolve_torch_device,
+)
 
 log = logging.getLogger(__name__)
 
