@@ -16,9 +16,9 @@ from fastapi.staticfiles import StaticFiles
 
 from blip2_embed.encoder import Blip2Encoder
 from blip2_search.settings import Settings
-from catalog.index_store import IndexOptions, index_path
+from catalog.index_store import VectorIndexOptions, index_path
 from search_api.catalog_view import CatalogView
-from search_api.deps import AppState, parse_keys
+from search_api.deps import AppState
 from search_api.errors import install_error_handlers
 from search_api.index_watcher import IndexWatcher
 from search_api.inference import InferenceWorker
@@ -45,14 +45,7 @@ def create_app(settings: Settings, *, encoder: Blip2Encoder | None = None) -> Fa
         metrics = Metrics()
         enc = encoder
         if enc is None:
-            enc = await asyncio.to_thread(
-                Blip2Encoder.from_pretrained,
-                retrieval=settings.retrieval_model,
-                caption=settings.caption_model or None,
-                device=settings.device,
-                dtype=settings.dtype,
-                batch_size=settings.batch_size,
-            )
+            enc = await asyncio.to_thread(lambda: Blip2Encoder.from_pretrained(**settings.encoder_options()))
         worker = InferenceWorker(enc, max_batch=settings.inference_max_batch, on_batch=metrics.on_batch)
         worker.start()
         view = CatalogView(settings.resolved_database_url)
@@ -66,7 +59,7 @@ def create_app(settings: Settings, *, encoder: Blip2Encoder | None = None) -> Fa
             view,
             key,
             index_path(settings.resolved_vector_index_dir, key),
-            IndexOptions.from_settings(settings),
+            VectorIndexOptions(**settings.vector_index_options()),
             poll_seconds=settings.index_poll_seconds,
             on_change=on_change,
         )
@@ -74,7 +67,7 @@ def create_app(settings: Settings, *, encoder: Blip2Encoder | None = None) -> Fa
         media = Media.from_settings(view, enc.spec, settings)
         app.state.blip2 = AppState(
             settings=settings, encoder=enc, worker=worker, view=view, watcher=watcher, media=media,
-            metrics=metrics, api_keys=parse_keys(settings.api_keys),
+            metrics=metrics, api_keys=settings.api_keys,
         )  # fmt: skip
         try:
             yield
@@ -116,11 +109,10 @@ def create_app(settings: Settings, *, encoder: Blip2Encoder | None = None) -> Fa
     app.add_middleware(BodyLimitMiddleware, limit=2 * settings.max_upload_bytes + 65536)
     app.add_middleware(CatchAllMiddleware)
     app.add_middleware(PathGuardMiddleware)
-    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
-    if origins:
+    if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=origins,
+            allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["Content-Type", settings.api_key_header],
         )

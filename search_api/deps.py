@@ -44,10 +44,6 @@ def get_state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(get_state)]
 
 
-def parse_keys(raw: str) -> tuple[str, ...]:
-    return tuple(k.strip() for k in raw.split(",") if k.strip())
-
-
 def _check_key(request: Request, keys: tuple[str, ...], header: str) -> None:
     given = request.headers.get(header, "")
     # Constant-time comparison against every key, so timing reveals neither key nor match position.

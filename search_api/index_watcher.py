@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from catalog.index_store import IndexOptions, LiveIndex
+from catalog.index_store import LiveIndex, VectorIndexOptions
 from catalog.vector_index import MultiVectorIndex
 from search_api.catalog_view import CatalogView
 
@@ -75,7 +75,7 @@ class IndexWatcher:
         view: CatalogView,
         model_key: str,
         path: Path,
-        options: IndexOptions,
+        options: VectorIndexOptions,
         *,
         poll_seconds: float = 2.0,
         on_change: Callable[[IndexHandle], None] | None = None,
