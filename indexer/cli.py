@@ -7,10 +7,15 @@ import logging
 import signal
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
+
+if TYPE_CHECKING:
+    from blip2_search.settings import Settings
+    from indexer.run import IndexOptions
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,18 @@ def index(
             "or raising max_image_pixels).",
         ),
     ] = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="After indexing, keep watching the folders and index changes in batches (one generation "
+            "each) until Ctrl-C, which exits 0.",
+        ),
+    ] = False,
+    debounce: Annotated[
+        float,
+        typer.Option(min=0.05, max=3600, help="--watch: seconds without changes before a batch runs."),
+    ] = 2.0,
 ) -> None:
     """Index photo folders: new and changed photos are embedded, moved ones keep their embedding,
     deleted ones leave the index. Safe to interrupt; the next run continues."""
@@ -56,8 +73,9 @@ def index(
     from catalog.db import make_engine, session_factory, upgrade
     from catalog.paths import encode_path
     from indexer.index_sync import catch_up_index
-    from indexer.report import RichProgress, render_summary
-    from indexer.run import IndexOptions, default_workers, run_index
+    from indexer.report import RichProgress, render_summary, render_watch_summary, report_watch_run
+    from indexer.run import IndexOptions, RunSummary, default_workers, run_index
+    from indexer.watch import WatchOptions, watch_and_index
 
     settings = settings_with(
         database_url=database_url,
@@ -72,6 +90,9 @@ def index(
         if not p.is_dir():
             typer.secho(f"not a folder: {encode_path(p)}", fg=typer.colors.RED, err=True)
             raise typer.Exit(EXIT_USAGE)
+    if watch and dry_run:
+        typer.secho("--watch and --dry-run do not go together", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_USAGE)
 
     encoder = load_encoder(settings, caption=caption)  # exits 3 when a model is missing
     options = IndexOptions(
@@ -97,7 +118,8 @@ def index(
         if stop.is_set():
             raise KeyboardInterrupt  # a second Ctrl-C: stop now (committed batches are still safe)
         stop.set()
-        console.print("[yellow]stopping after the current batch (Ctrl-C again to abort)[/]")
+        what = "stopping" if watch else "stopping after the current batch"
+        console.print(f"[yellow]{what} (Ctrl-C again to abort)[/]")
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     url = settings.resolved_database_url
@@ -110,16 +132,30 @@ def index(
         engine = make_engine(url)
         sessions = session_factory(engine)
         progress = None if as_json else RichProgress(console)
-        summary = run_index(
-            sessions,
-            encoder,
-            options,
-            progress=progress,
-            stop=stop,
-            after_publish=lambda s: catch_up_index(
-                engine, encoder.retrieval_key, settings.resolved_vector_index_dir, settings
-            ),
-        )
+
+        def run(folders: list[Path]) -> RunSummary:
+            return run_index(
+                sessions,
+                encoder,
+                replace(options, roots=folders),
+                progress=progress,
+                stop=stop,
+                after_publish=lambda s: catch_up_index(
+                    engine, encoder.retrieval_key, settings.resolved_vector_index_dir, settings
+                ),
+            )
+
+        if watch:
+            watched = watch_and_index(
+                list(paths),
+                run,
+                WatchOptions(quiet_seconds=debounce, ignore=_own_folders(settings, options)),
+                stop=stop,
+                on_run=lambda s, initial: report_watch_run(console, s, initial, as_json),
+                on_watching=lambda: console.print(f"watching {len(paths)} folder(s); Ctrl-C stops"),
+            )
+        else:
+            summary = run(list(paths))
     except typer.Exit:
         raise
     except Exception as exc:
@@ -133,12 +169,25 @@ def index(
         if writer_lock is not None:
             writer_lock.close()
 
+    if watch:
+        if as_json:
+            sys.stdout.write(json.dumps(watched.as_dict()) + "\n")
+        else:
+            render_watch_summary(Console(), watched)
+        return  # Ctrl-C is how a watch ends: exit 0
     if as_json:
         sys.stdout.write(json.dumps(summary.as_dict()) + "\n")
     else:
         render_summary(Console(), summary)
     if summary.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _own_folders(settings: Settings, options: IndexOptions) -> list[Path]:
+    """What the indexer writes (a watch must not wake up on its own output)."""
+    own = [settings.data_dir, settings.resolved_vector_index_dir, options.thumbnail_dir]
+    own.append(options.model_input_dir)
+    return [p for p in own if p is not None]
 
 
 def _hold_writer_lock(path: Path) -> TextIO:

@@ -113,6 +113,7 @@ class RunSummary:
     dry_run: bool = False
     interrupted: bool = False
     generation: int | None = None
+    published: bool = False  # this run published ``generation`` (False: nothing changed, or a dry run)
     new: int = 0
     changed: int = 0
     unchanged: int = 0
@@ -233,6 +234,7 @@ class Indexer:
             _test_pause("before-publish", 1)
             repo.publish_generation(session, generation)
             session.commit()
+        summary.published = True
         summary.seconds = time.perf_counter() - started
         summary.timings = self.timings.as_dict()
         return summary
