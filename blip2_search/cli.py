@@ -128,6 +128,29 @@ def db_check(
     typer.echo("the catalog schema matches the models")
 
 
+@app.command("check-models")
+def check_models() -> None:
+    """Check that the configured models are on disk, without loading them or asking the hub (exit 3
+    names each missing one). Deployments run it before starting the API."""
+    from blip2_embed.errors import ModelNotFoundError
+    from blip2_embed.loading import locate_checkpoint
+    from blip2_search.failures import EXIT_MODEL
+
+    settings = get_settings()
+    missing = False
+    for role, name in (("retrieval", settings.retrieval_model), ("caption", settings.caption_model)):
+        if not name:
+            typer.echo(f"{role}: none (BLIP2_CAPTION_MODEL is empty: no captions)")
+            continue
+        try:
+            typer.echo(f"{role}: {name} -> {locate_checkpoint(name, role)}")
+        except ModelNotFoundError as exc:  # both models are checked: one message each
+            typer.secho(str(exc), fg=typer.colors.RED, err=True)
+            missing = True
+    if missing:
+        raise typer.Exit(EXIT_MODEL)
+
+
 @app.command()
 def caption(
     images: Annotated[list[Path], typer.Argument(help="Image files.", exists=True, dir_okay=False)],
