@@ -1,4 +1,4 @@
-"""Subcommands of ``blip2-search`` owned by this package: ``index``."""
+"""``blip2-search index PATH...``: index photo folders into the catalog."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
+
+from blip2_search.commands.common import DatabaseUrlOption, load_encoder, settings_from
 
 if TYPE_CHECKING:
     from blip2_search.settings import Settings
@@ -43,7 +45,7 @@ def index(
     ] = None,
     thumbnail_dir: Annotated[Path | None, typer.Option(help="Thumbnail folder.")] = None,
     thumbnail_size: Annotated[int | None, typer.Option(min=0, help="Thumbnail longer side; 0: none.")] = None,
-    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: settings).")] = None,
+    database_url: DatabaseUrlOption = None,
     retry_failed: Annotated[
         bool,
         typer.Option(
@@ -69,7 +71,6 @@ def index(
     deleted ones leave the index. Safe to interrupt; the next run continues."""
     from rich.console import Console
 
-    from blip2_search.cli import load_encoder, settings_with
     from catalog.db import make_engine, session_factory, upgrade
     from catalog.paths import encode_path
     from indexer.index_sync import catch_up_index
@@ -77,7 +78,7 @@ def index(
     from indexer.run import IndexOptions, RunSummary, default_workers, run_index
     from indexer.watch import WatchOptions, watch_and_index
 
-    settings = settings_with(
+    settings = settings_from(
         database_url=database_url,
         batch_size=batch_size,
         index_workers=workers,
@@ -205,8 +206,3 @@ def _hold_writer_lock(path: Path) -> TextIO:
         )
         raise typer.Exit(EXIT_FATAL) from None
     return fh
-
-
-def register(app: typer.Typer) -> None:
-    """Add this package's commands to the ``blip2-search`` app."""
-    app.command("index")(index)
