@@ -15,7 +15,7 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 import blip2_train.cli as train_cli
-from blip2_search.commands import caption, db, demo, index, search, serve
+from blip2_search.commands import caption, check_models, db, demo, index, search, serve
 from blip2_search.failures import explain
 
 log = logging.getLogger("blip2_search")
@@ -64,6 +64,7 @@ app.command("serve")(serve.serve)
 app.command("search")(search.search)
 app.command("caption")(caption.caption)
 app.command("demo")(demo.demo)
+app.command("check-models")(check_models.check_models)
 train_cli.register(app)  # scenes, train, eval (blip2_train's own commands)
 
 

@@ -167,6 +167,7 @@ class Indexer:
             self.progress.stage("before-publish", 1)
             repo.publish_generation(session, generation)
             session.commit()
+        summary.published = True
         summary.seconds = time.perf_counter() - started
         summary.timings = self.timings.as_dict()
         return summary
