@@ -83,7 +83,7 @@ def folders_to_rescan(roots: Iterable[Path], changed: Iterable[Path], max_folder
         while folder != root and not folder.is_dir():
             folder = folder.parent  # a deleted folder: its parent's scan marks its photos deleted
         chosen.add(folder)
-    cover = [f for f in sorted(chosen, key=lambda f: len(f.parts)) if not any(c in f.parents for c in chosen)]
+    cover = sorted(f for f in chosen if not any(c in f.parents for c in chosen))
     return roots if len(cover) > max_folders else cover
 
 
