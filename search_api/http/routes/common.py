@@ -6,10 +6,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path
 
-from search_api.deps import require_reader
-from search_api.errors import PROBLEM_JSON
-from search_api.schemas import Problem
-from search_api.validation import ImageId, refuse_unknown_query
+from search_api.http.deps import require_reader
+from search_api.http.errors import PROBLEM_JSON
+from search_api.http.schemas import Problem
+from search_api.http.validation import ImageId, refuse_unknown_query
 
 # The same id rule as JSON and form ids: 1..2**53, so no id can overflow a SQL integer.
 IdPath = Annotated[ImageId, Path(description="Catalog image id.")]
