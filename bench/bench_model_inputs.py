@@ -5,10 +5,10 @@
    fastest of ``--repeats``), and a check that the round trip is exact.
 2. ``deviation`` (with ``--model DIR`` holding ``retrieval/`` and ``caption/``, default models/demo):
    folders are indexed by the real indexer, then the ITM match logits and greedy captions of every
-   image *by id* (search_api.service.image_store.ImageStore, what /api/rerank and /api/caption use) are compared with the
-   model run on the original file (what an upload gets, and what plain transformers computes), for:
-   the stored input (exact decode), the stored input with the fast JPEG path, and the thumbnail
-   fallback (BLIP2_STORE_MODEL_INPUTS=false; what every catalog did before the store).
+   image *by id* (search_api.service.image_store.ImageStore, what /api/rerank and /api/caption use) are
+   compared with the model run on the original file (what an upload gets, and what plain transformers
+   computes), for: the stored input (exact decode), the stored input with the fast JPEG path, and the
+   thumbnail fallback (BLIP2_STORE_MODEL_INPUTS=false; what every catalog did before the store).
 
     python bench/bench_model_inputs.py --photos ~/Pictures/sample   # camera photos (else synthetic ones)
     python bench/bench_model_inputs.py --skip-deviation --size 364

@@ -65,7 +65,9 @@ def search(
 
     filters = SearchFilters(root, path_prefix, captured_after, captured_before)
     options = SearchOptions(k=k, rerank=rerank, captions=captions, filters=filters)
-    run_search(settings, lambda: load_encoder(settings, caption=captions > 0), query, options, as_json=as_json)
+    run_search(
+        settings, lambda: load_encoder(settings, caption=captions > 0), query, options, as_json=as_json
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -682,9 +682,10 @@ def run_round(encoder, make_jobs) -> tuple[list[object], list[tuple[str, int]]]:
         return await asyncio.gather(*tasks, return_exceptions=True)
 
     try:
-        return asyncio.run(main()), gate.batches[1:]
+        results = asyncio.run(main())
     finally:
-        worker.stop()
+        worker.stop()  # joins the thread: its last on_batch call has run before batches are read
+    return results, gate.batches[1:]
 
 
 def test_a_bad_text_fails_alone(encoder) -> None:

@@ -2,9 +2,9 @@
 
 Every handler here answers with ``{"type", "title", "status", "detail"}`` (plus ``errors`` for
 validation failures) and never with a stack trace. The search service's typed errors get their status
-here, in ``SERVICE_STATUS``, the one place that maps them. Unexpected exceptions are not handled here but
-in ``search_api.http.middleware.CatchAllMiddleware``, inside the metrics and security-header middleware: it logs
-them server-side and the client sees only a generic 500 with a request id it can quote.
+here, in ``SERVICE_STATUS``, the one place that maps them. Unexpected exceptions are not handled here
+but in ``search_api.http.middleware.CatchAllMiddleware``, inside the metrics and security-header
+middleware: it logs them server-side and the client sees only a generic 500 with a request id.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class ProblemResponse(JSONResponse):
 
 
 def problem(
-    status: int, detail: str, *, code: str | None = None, headers: dict | None = None, **extra: Any
+    status: int, detail: str, *, code: str | None = None, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
     title = _TITLES.get(status, "Error")
     body: dict[str, Any] = {

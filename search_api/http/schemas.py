@@ -38,7 +38,7 @@ class Problem(BaseModel):
     title: str
     status: int
     detail: str
-    errors: list[dict] | None = None
+    errors: list[dict[str, Any]] | None = None
 
 
 class FileRef(BaseModel):
@@ -68,7 +68,7 @@ class ImageDetail(ImageSummary):
     @classmethod
     def of(cls, d: st.ImageDetail) -> "ImageDetail":
         files = [FileRef(**_fields(f)) for f in d.files]
-        return cls(**{**_fields(d), "files": files}, **image_urls(d.image_id))
+        return cls.model_validate({**_fields(d), "files": files, **image_urls(d.image_id)})
 
 
 class SearchHit(ImageSummary):
@@ -87,7 +87,7 @@ class SearchHit(ImageSummary):
 
     @classmethod
     def of(cls, hit: st.Hit) -> "SearchHit":
-        return cls(**_fields(hit), **image_urls(hit.image_id))
+        return cls.model_validate({**_fields(hit), **image_urls(hit.image_id)})
 
 
 class SearchResponse(BaseModel):

@@ -51,4 +51,6 @@ async def caption_upload(
         pixels = await c.upload_pixels(data)
     with timer.stage("captions"):
         res = await c.worker.score(pixels, None, caption_rows=[0], prompt=prompt, max_new_tokens=tokens)
-    return CaptionResult(None, prompt, res.captions.get(0, ""), cached=False, model_key=key, timings_ms=timer.done())
+    return CaptionResult(
+        None, prompt, res.captions.get(0, ""), cached=False, model_key=key, timings_ms=timer.done()
+    )

@@ -65,5 +65,9 @@ class Components:
         """(1, 3, S, S) model pixels of uploaded bytes, decoded off the event loop."""
         s = self.settings
         return await asyncio.to_thread(
-            upload_pixels, data, self.encoder.spec, max_bytes=s.max_upload_bytes, max_pixels=s.max_upload_pixels
+            upload_pixels,
+            data,
+            self.encoder.spec,
+            max_bytes=s.max_upload_bytes,
+            max_pixels=s.max_upload_pixels,
         )

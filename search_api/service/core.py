@@ -71,7 +71,9 @@ class SearchService:
         self.c = Components(
             settings=settings,
             encoder=encoder,
-            worker=InferenceWorker(encoder, max_batch=settings.inference_max_batch, on_batch=metrics.on_batch),
+            worker=InferenceWorker(
+                encoder, max_batch=settings.inference_max_batch, on_batch=metrics.on_batch
+            ),
             catalog=catalog,
             images=ImageStore.from_settings(catalog, encoder.spec, settings),
             index=index,
@@ -152,7 +154,9 @@ class SearchService:
         return await search.search_upload(self.c, data, options or SearchOptions())
 
     # ------------------------------------------------------------------ models for other services
-    async def rerank(self, text: str, image_ids: Sequence[int], uploads: Sequence[bytes] = ()) -> RerankResult:
+    async def rerank(
+        self, text: str, image_ids: Sequence[int], uploads: Sequence[bytes] = ()
+    ) -> RerankResult:
         return await rerank.rerank(self.c, text, image_ids, uploads)
 
     async def caption(

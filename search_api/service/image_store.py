@@ -83,7 +83,9 @@ def image_error(exc: ImageError) -> ServiceError:
     if isinstance(exc, DecompressionBombError):
         return TooLarge(f"image too large: {exc.detail}", code="image-too-large")
     if isinstance(exc, NotAnImageError | UnsupportedImageError):
-        return UnsupportedMedia(f"unsupported image type: {exc.detail or exc.reason}", code="unsupported-image")
+        return UnsupportedMedia(
+            f"unsupported image type: {exc.detail or exc.reason}", code="unsupported-image"
+        )
     return BadInput(f"the image cannot be decoded ({exc.reason}): {exc.detail}", code="bad-image")
 
 

@@ -57,7 +57,12 @@ class IndexHandle:
         return self._pairs(ids[0], scores[0])
 
     def search_by_image(
-        self, vectors: npt.NDArray[np.float32], k: int, *, allowed: set[int] | None = None, exclude: int | None = None
+        self,
+        vectors: npt.NDArray[np.float32],
+        k: int,
+        *,
+        allowed: set[int] | None = None,
+        exclude: int | None = None,
     ) -> list[tuple[int, float]]:
         """Top-k images by Chamfer similarity to an image's (32, D) vectors."""
         if self.index is None or len(self.index) == 0 or (allowed is not None and not allowed):

@@ -306,8 +306,9 @@ class InferenceWorker:
         model = self.encoder.caption_model
         if model is None:  # the route refuses captions first; the batch reports it otherwise
             return
+        tokenizer = self.encoder.caption_tokenizer
         try:
-            prompt_tokens = len(self.encoder.caption_tokenizer(prompt)["input_ids"]) if prompt else 1
+            prompt_tokens = len(tokenizer(prompt)["input_ids"]) if prompt and tokenizer is not None else 1
         except Exception as exc:
             raise InvalidInput(f"the prompt cannot be tokenized ({type(exc).__name__})") from None
         # The language model sees the query tokens, the prompt and every generated token but the last;
@@ -351,9 +352,9 @@ class InferenceWorker:
         probs = np.zeros(len(pixels), np.float32)
         logits = np.zeros((len(pixels), 2), np.float32)
         if itm_rows:
-            res = self.encoder.itm(_take(feats, itm_rows), itm_texts)
-            probs[itm_rows] = res.probs
-            logits[itm_rows] = res.logits
+            itm = self.encoder.itm(_take(feats, itm_rows), itm_texts)
+            probs[itm_rows] = itm.probs
+            logits[itm_rows] = itm.logits
         results = [
             ScoreResult(
                 probs=probs[off : off + j.size].copy(), logits=logits[off : off + j.size].copy(), captions={}
@@ -361,12 +362,16 @@ class InferenceWorker:
             for j, off in zip(jobs, offsets, strict=False)
         ]
         # Captions: one generate call per distinct (prompt, length) over the rows that want one.
-        wanted = [[r for r in j.payload["caption_rows"] if 0 <= r < j.size] for j in jobs]
-        captions = self._caption_groups(feats, jobs, [[off + r for r in w] for w, off in zip(wanted, offsets, strict=False)])
+        wanted = [
+            [off + r for r in j.payload["caption_rows"] if 0 <= r < j.size]
+            for j, off in zip(jobs, offsets, strict=False)
+        ]
+        captions = self._caption_groups(feats, jobs, wanted)
         for res, off, job in zip(results, offsets, jobs, strict=False):
             res.captions = {r - off: captions[r] for r in range(off, off + job.size) if r in captions}
-        keep = [(res, job, off) for res, job, off in zip(results, jobs, offsets, strict=False) if job.payload["keep"]]
-        for res, job, off in keep:
+        for res, job, off in zip(results, jobs, offsets, strict=False):
+            if not job.payload["keep"]:
+                continue
             with self._kept_lock:
                 self._next_token += 1
                 token = self._next_token

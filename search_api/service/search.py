@@ -58,7 +58,7 @@ async def search_text(c: Components, text: str, opts: SearchOptions) -> SearchPa
 
 
 async def search_similar(c: Components, image_id: int, opts: SearchOptions) -> SearchPage:
-    """"More like this": images closest to a catalog image (Chamfer similarity of the 32 vectors)."""
+    """ "More like this": images closest to a catalog image (Chamfer similarity of the 32 vectors)."""
     check_options(c, opts)
     timer = c.timer()
     with timer.stage("load_query_vectors"):

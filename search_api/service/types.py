@@ -35,7 +35,11 @@ class SearchFilters:
 
     def check(self) -> None:
         after, before = self.captured_after, self.captured_before
-        if after is not None and before is not None and after.replace(tzinfo=None) > before.replace(tzinfo=None):
+        if (
+            after is not None
+            and before is not None
+            and after.replace(tzinfo=None) > before.replace(tzinfo=None)
+        ):
             raise BadInput("captured_after is later than captured_before", code="bad-date-range")
 
 

@@ -65,5 +65,3 @@ def index_folder(settings: Settings, encoder, folder: Path) -> object:
         return run_index(session_factory(engine), encoder, options)
     finally:
         engine.dispose()
-
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path
@@ -15,7 +16,7 @@ from search_api.http.validation import ImageId, refuse_unknown_query
 IdPath = Annotated[ImageId, Path(description="Catalog image id.")]
 
 
-def api_router(prefix: str, tags: list[str]) -> APIRouter:
+def api_router(prefix: str, tags: list[str | Enum]) -> APIRouter:
     """A router of read endpoints: API key when required, and no undeclared query parameter."""
     return APIRouter(
         prefix=prefix, tags=tags, dependencies=[Depends(require_reader), Depends(refuse_unknown_query)]

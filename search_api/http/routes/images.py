@@ -39,7 +39,11 @@ def build(settings: Settings) -> APIRouter:
         """The original file (the first live copy, by root and path)."""
         f = await service.original(image_id)
         return FileResponse(
-            f.path, media_type=f.media_type, headers=_CACHE, content_disposition_type="inline", filename=f.filename
+            f.path,
+            media_type=f.media_type,
+            headers=_CACHE,
+            content_disposition_type="inline",
+            filename=f.filename,
         )
 
     return router

@@ -63,7 +63,13 @@ def build(settings: Settings) -> APIRouter:
 
     @router.get("/similar/{image_id}", response_model=SearchResponse, responses=problems(401, 404, 422))
     async def search_similar(
-        service: Service, image_id: IdPath, k: K = 20, offset: Offset = 0, captions: Captions = 0, *, flt: Filters
+        service: Service,
+        image_id: IdPath,
+        k: K = 20,
+        offset: Offset = 0,
+        captions: Captions = 0,
+        *,
+        flt: Filters,
     ) -> SearchResponse:
         """ "More like this": images closest to a catalog image (Chamfer similarity of the 32 vectors)."""
         options = SearchOptions(k=k, offset=offset, captions=captions, filters=flt)
