@@ -249,7 +249,7 @@ def bench_rebuild(args: argparse.Namespace, n: int, out: dict[str, Any]) -> None
 
     from catalog import db
     from catalog import repository as repo
-    from catalog.index_store import IndexOptions, build_from_catalog
+    from catalog.index_store import VectorIndexOptions, build_from_catalog
     from catalog.models import FileStatus
 
     data = Dataset("clustered", n, args.vectors_per_image, args.dim)
@@ -279,7 +279,7 @@ def bench_rebuild(args: argparse.Namespace, n: int, out: dict[str, Any]) -> None
             s.commit()
         write_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        index = build_from_catalog(engine, "bench", IndexOptions(kind="flat", device=args.device))
+        index = build_from_catalog(engine, "bench", VectorIndexOptions(kind="flat", device=args.device))
         rebuild_s = time.perf_counter() - t0
         assert len(index) == n
         size = Path(f"{tmp}/catalog.db").stat().st_size

@@ -31,7 +31,7 @@ _DTYPES = {
 }
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
+def resolve_torch_device(device: str | torch.device | None = None) -> torch.device:
     """The requested device, else CUDA when present, else CPU.
 
     A device this machine lacks is refused here, in one line, rather than deep inside the first

@@ -20,7 +20,8 @@ from indexer.decode import Decoded
 from indexer.pipeline import DecodePool
 
 if TYPE_CHECKING:
-    from indexer.run import Indexer, RunSummary
+    from indexer.phases import Indexer
+    from indexer.summary import RunSummary
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ from blip2_embed.images import ImageSpec, decode_model_input, load_image, resize
 from blip2_search.settings import Settings
 from catalog import repository as repo
 from catalog.model_inputs import ModelInputStore, encode_model_input, spec_key
-from indexer import run as indexer_run
 from indexer.run import IndexOptions, ProgressSink, RunSummary, run_index
 from search_api.app import create_app
 from tests.fixtures_images import encode, exif_bytes, photo_like, stored_for_orientation
@@ -302,18 +301,16 @@ def _sha(path: Path) -> str:
 
 def test_indexer_stores_the_input_it_embedded_before_the_commit(env: _Env, monkeypatch) -> None:
     seen: list[int] = []
-    real_pause = indexer_run._test_pause
 
-    def pause(stage: str, n: int) -> None:
-        if stage == "before-commit":
-            # Inside the batch's open transaction: every input of the batch is already on disk.
-            stored = sum(env.store().path(_sha(p)).is_file() for p in env.paths)
-            assert stored >= min(len(env.paths), 3 * n)
-            seen.append(n)
-        real_pause(stage, n)
+    class Check(ProgressSink):
+        def stage(self, name: str, n: int) -> None:
+            if name == "before-commit":
+                # Inside the batch's open transaction: every input of the batch is already on disk.
+                stored = sum(env.store().path(_sha(p)).is_file() for p in env.paths)
+                assert stored >= min(len(env.paths), 3 * n)
+                seen.append(n)
 
-    monkeypatch.setattr(indexer_run, "_test_pause", pause)
-    s = env.index()
+    s = env.index(progress=Check())
     assert s.embedded == len(env.paths) and seen == [1, 2, 3]
     for p in env.paths:
         assert np.array_equal(env.store().load(_sha(p)), env.expected(p)), p.name
@@ -364,7 +361,7 @@ def test_an_interrupted_backfill_resumes(env: _Env) -> None:
     options = IndexOptions(
         roots=[env.lib], workers=0, thumbnail_dir=env.thumbs, thumbnail_size=32, model_input_dir=env.inputs
     )
-    s = run_index(env.sessions, env.encoder, options, progress=StopAfterOne(), stop=stop)
+    s = run_index(env.target, env.encoder, options, progress=StopAfterOne(), stop=stop)
     assert s.interrupted and s.model_inputs_backfilled == 1  # the CLI exits 130
     assert env.store().backfilled_through(env.catalog_uid()) == 0  # no marker: not done
     s = env.index()

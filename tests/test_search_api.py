@@ -417,7 +417,7 @@ def test_admin_disabled_without_keys(client: TestClient) -> None:
 
 
 def test_auth_on(catalog: Settings, encoder) -> None:
-    settings = catalog.model_copy(update={"api_keys": "k1,k2", "api_auth_all": False})
+    settings = catalog.with_overrides(api_keys="k1,k2", api_auth_all=False)
     with TestClient(create_app(settings, encoder=encoder)) as c:
         assert c.get("/api/search", params={"q": "a"}).status_code == 200  # reads stay open
         body = assert_problem(c.post("/api/admin/refresh-index"), 401)
@@ -425,7 +425,7 @@ def test_auth_on(catalog: Settings, encoder) -> None:
         assert_problem(c.post("/api/admin/refresh-index", headers={"X-API-Key": "wrong"}), 401)
         ok = c.post("/api/admin/refresh-index", headers={"X-API-Key": "k2"})
         assert ok.status_code == 200 and ok.json()["indexed_images"] == N_PHOTOS
-    settings = catalog.model_copy(update={"api_keys": "k1", "api_auth_all": True, "api_key_header": "X-Key"})
+    settings = catalog.with_overrides(api_keys="k1", api_auth_all=True, api_key_header="X-Key")
     with TestClient(create_app(settings, encoder=encoder)) as c:
         assert_problem(c.get("/api/search", params={"q": "a"}), 401)
         assert_problem(c.get("/api/images/1/thumbnail"), 401)
@@ -440,7 +440,7 @@ def test_cors(catalog: Settings, encoder, client: TestClient) -> None:
         "access-control-allow-origin"
         not in client.get("/healthz", headers={"Origin": "http://a.example"}).headers
     )
-    settings = catalog.model_copy(update={"cors_origins": "http://a.example"})
+    settings = catalog.with_overrides(cors_origins="http://a.example")
     with TestClient(create_app(settings, encoder=encoder)) as c:
         resp = c.get("/healthz", headers={"Origin": "http://a.example"})
         assert resp.headers["access-control-allow-origin"] == "http://a.example"

@@ -117,5 +117,5 @@ def test_the_service_imports_no_http() -> None:
 
 
 def test_cli_search_needs_no_test_client() -> None:
-    source = (Path(REPO_ROOT) / "search_api" / "terminal.py").read_text()
+    source = (Path(REPO_ROOT) / "blip2_search" / "commands" / "search.py").read_text()
     assert "testclient" not in source.lower() and "httpx" not in source

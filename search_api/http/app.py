@@ -70,11 +70,10 @@ def create_app(settings: Settings, *, encoder: Blip2Encoder | None = None) -> Fa
     app.add_middleware(BodyLimitMiddleware, limit=2 * settings.max_upload_bytes + 65536)
     app.add_middleware(CatchAllMiddleware)
     app.add_middleware(PathGuardMiddleware)
-    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
-    if origins:
+    if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=origins,
+            allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["Content-Type", settings.api_key_header],
         )

@@ -21,10 +21,6 @@ def get_service(request: Request) -> SearchService:
 Service = Annotated[SearchService, Depends(get_service)]
 
 
-def parse_keys(raw: str) -> tuple[str, ...]:
-    return tuple(k.strip() for k in raw.split(",") if k.strip())
-
-
 def _check_key(request: Request, keys: tuple[str, ...], header: str) -> None:
     given = request.headers.get(header, "")
     # Constant-time comparison against every key, so timing reveals neither key nor match position.
@@ -42,7 +38,7 @@ def _check_key(request: Request, keys: tuple[str, ...], header: str) -> None:
 
 def require_admin(request: Request, service: Service) -> None:
     """Admin/write endpoints: always need a key; with no keys configured they are disabled (403)."""
-    keys = parse_keys(service.settings.api_keys)
+    keys = service.settings.api_keys
     if not keys:
         raise ApiError(403, "admin endpoints are disabled: configure BLIP2_API_KEYS", code="admin-disabled")
     _check_key(request, keys, service.settings.api_key_header)
@@ -50,6 +46,6 @@ def require_admin(request: Request, service: Service) -> None:
 
 def require_reader(request: Request, service: Service) -> None:
     """Read endpoints: need a key only when ``api_auth_all`` is on and keys are configured."""
-    keys = parse_keys(service.settings.api_keys)
+    keys = service.settings.api_keys
     if service.settings.api_auth_all and keys:
         _check_key(request, keys, service.settings.api_key_header)

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from blip2_embed.encoder import Blip2Encoder
 from blip2_search.settings import Settings
-from catalog.index_store import IndexOptions, index_path
+from catalog.index_store import VectorIndexOptions, index_path
 from search_api.service import caption, embed, images, readiness, rerank, search
 from search_api.service.catalog_reader import CatalogReader
 from search_api.service.components import Components
@@ -41,13 +41,7 @@ from search_api.service.types import (
 
 def load_encoder(settings: Settings, *, caption: bool = True) -> Blip2Encoder:
     """The encoder these settings name (blocking; loads checkpoints)."""
-    return Blip2Encoder.from_pretrained(
-        retrieval=settings.retrieval_model,
-        caption=(settings.caption_model or None) if caption else None,
-        device=settings.device,
-        dtype=settings.dtype,
-        batch_size=settings.batch_size,
-    )
+    return Blip2Encoder.from_pretrained(**settings.encoder_options(caption=caption))
 
 
 class SearchService:
@@ -64,7 +58,7 @@ class SearchService:
             catalog,
             key,
             index_path(settings.resolved_vector_index_dir, key),
-            IndexOptions.from_settings(settings),
+            VectorIndexOptions(**settings.vector_index_options()),
             poll_seconds=settings.index_poll_seconds,
             on_change=on_change,
         )

@@ -154,12 +154,12 @@ class ImageStore:
 
     @classmethod
     def from_settings(cls, catalog: CatalogReader, spec: ImageSpec, settings: Settings) -> ImageStore:
-        inputs_dir = settings.model_input_dir
+        inputs_dir = settings.resolved_model_input_dir
         return cls(
             catalog,
             spec,
             max_pixels=settings.max_image_pixels,
-            thumbnail_dir=settings.thumbnail_dir or settings.data_dir / "thumbnails",
+            thumbnail_dir=settings.resolved_thumbnail_dir,
             model_inputs=ModelInputStore(inputs_dir, spec) if inputs_dir is not None else None,
             fast_jpeg=settings.fast_jpeg,
             thumbnail_size=settings.thumbnail_size,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from catalog.index_store import IndexOptions, LiveIndex
+from catalog.index_store import LiveIndex, VectorIndexOptions
 from catalog.vector_index import MultiVectorIndex
 from search_api.service.catalog_reader import CatalogReader
 
@@ -81,7 +81,7 @@ class IndexWatcher:
         catalog: CatalogReader,
         model_key: str,
         path: Path,
-        options: IndexOptions,
+        options: VectorIndexOptions,
         *,
         poll_seconds: float = 2.0,
         on_change: Callable[[IndexHandle], None] | None = None,

@@ -304,7 +304,7 @@ class InferenceWorker:
 
     def _check_prompt(self, prompt: str | None, max_new_tokens: int) -> None:
         model = self.encoder.caption_model
-        if model is None:  # the route refuses captions first; the batch reports it otherwise
+        if model is None:  # the service refuses captions first (NotConfigured)
             return
         tokenizer = self.encoder.caption_tokenizer
         try:

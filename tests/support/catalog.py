@@ -44,24 +44,9 @@ def make_photos(folder: Path, count: int, *, start: int = 0) -> list[Path]:
 
 def index_folder(settings: Settings, encoder, folder: Path) -> object:
     """Run the real indexer over ``folder`` into ``settings``' catalog (in process, no worker pool)."""
-    from catalog.db import make_engine, session_factory, upgrade
-    from indexer.run import IndexOptions, run_index
+    from indexer.run import IndexOptions, IndexTarget, run_index
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    url = settings.resolved_database_url
-    upgrade(url)
-    engine = make_engine(url)
-    try:
-        options = IndexOptions(
-            roots=[folder],
-            batch_size=8,
-            workers=0,
-            thumbnail_dir=settings.thumbnail_dir or settings.data_dir / "thumbnails",
-            thumbnail_size=settings.thumbnail_size,
-            model_input_dir=settings.model_input_dir,
-            fast_jpeg=settings.fast_jpeg,
-            max_pixels=settings.max_image_pixels,
-        )
-        return run_index(session_factory(engine), encoder, options)
-    finally:
-        engine.dispose()
+    options = IndexOptions.from_settings(settings, [folder], batch_size=8, workers=0)
+    # No index catch-up here: the server builds its index from the catalog on start, as in production.
+    target = IndexTarget(settings.resolved_database_url, settings.resolved_indexer_lock)
+    return run_index(target, encoder, options)

@@ -25,12 +25,7 @@ def free_port() -> int:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """Environment variables that reproduce ``settings`` in a child process."""
-    env = {}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        env[f"BLIP2_{name.upper()}"] = str(value)
-    return env
+    return settings.as_env()
 
 
 class ServerProcess:
