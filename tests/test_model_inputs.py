@@ -25,8 +25,8 @@ from catalog import repository as repo
 from catalog.model_inputs import ModelInputStore, encode_model_input, spec_key
 from indexer.run import IndexOptions, ProgressSink, RunSummary, run_index
 from search_api.app import create_app
-from search_api.testing import index_folder
 from tests.fixtures_images import encode, exif_bytes, photo_like, stored_for_orientation
+from tests.support.catalog import index_folder
 from tests.test_indexer_support import Env
 
 TEXT = "a red circle"
@@ -187,7 +187,7 @@ def test_by_id_equals_upload_equals_encoder_on_the_original(exact_catalog: Catal
         dev = measure(client, enc, exact_catalog.paths)
         # The pixels themselves: what transformers' processor gets from the original (before normalising).
         ids = ids_by_path(client, len(exact_catalog.paths))
-        media = client.app.state.blip2.media
+        media = client.app.state.blip2.images
         for p in exact_catalog.paths:
             assert np.array_equal(media.model_input(ids[p.name]), resize_for_model(load_image(p), enc.spec))
     print(f"exact: {dev}")
@@ -205,7 +205,7 @@ def test_the_thumbnail_fallback_is_approximate(exact_catalog: Catalog, model) ->
     with TestClient(create_app(settings, encoder=enc)) as client:
         dev = measure(client, enc, exact_catalog.paths)
         ids = ids_by_path(client, len(exact_catalog.paths))
-        media = client.app.state.blip2.media
+        media = client.app.state.blip2.images
         levels = max(
             int(
                 np.abs(
@@ -229,7 +229,7 @@ def test_fast_jpeg_deviation(tmp_path: Path, model) -> None:
     with TestClient(create_app(cat.settings, encoder=enc)) as client:
         dev = measure(client, enc, cat.paths)
         ids = ids_by_path(client, len(cat.paths))
-        media = client.app.state.blip2.media
+        media = client.app.state.blip2.images
         for p in cat.paths:
             want = decode_model_input(p, enc.spec, fast_jpeg=True, thumbnail_size=cat.settings.thumbnail_size)
             assert np.array_equal(media.model_input(ids[p.name]), want), p.name
@@ -378,7 +378,7 @@ def test_a_missing_input_is_decoded_from_the_original_like_the_indexer(
     assert not (settings.data_dir / "model_inputs").exists()
     with TestClient(create_app(settings, encoder=encoder)) as client:
         ids = ids_by_path(client, len(cat.paths))
-        media = client.app.state.blip2.media
+        media = client.app.state.blip2.images
         for p in cat.paths:
             want = decode_model_input(p, encoder.spec, fast_jpeg=True, thumbnail_size=settings.thumbnail_size)
             assert np.array_equal(media.model_input(ids[p.name]), want), p.name

@@ -22,8 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from blip2_search.settings import Settings
 from search_api.app import create_app
-from search_api.inference import InferenceWorker, InvalidInput
-from search_api.testing import index_folder, jpeg_bytes, make_photos
+from search_api.service.inference import InferenceWorker, InvalidInput
+from tests.support.catalog import index_folder, jpeg_bytes, make_photos
 
 N_PHOTOS = 12
 
@@ -228,7 +228,7 @@ def test_captions_are_cached_in_the_catalog(client: TestClient, encoder) -> None
     ).json()
     assert first["cached"] is False and again["cached"] is True and again["text"] == first["text"]
     state = client.app.state.blip2
-    stored = state.view.captions([image_id], encoder.caption_key, "Question: what? Answer:")
+    stored = state.catalog.captions([image_id], encoder.caption_key, "Question: what? Answer:")
     assert stored[image_id] == first["text"]
     # A search that captions reuses the plain-caption cache, and the detail view shows it.
     plain = client.post("/api/caption", json={"image_id": image_id}).json()
@@ -329,7 +329,7 @@ def test_symlink_escape_is_not_served(client: TestClient, catalog: Settings, tmp
     hit = client.get("/api/search", params={"q": "sun", "k": 1, "rerank": 0}).json()["hits"][0]
     path = Path(hit["path"])
     state = client.app.state.blip2
-    assert state.view.original_path(hit["image_id"]) == path.resolve()
+    assert state.catalog.original_path(hit["image_id"]) == path.resolve()
     secret = tmp_path / "outside.jpg"
     secret.write_bytes(path.read_bytes())
     backup = path.with_suffix(".bak")
@@ -627,7 +627,7 @@ def test_500_is_problem_json_counted_and_headed(
         assert c.get("/api/images/1").status_code == 200
         with sqlite3.connect(data / "catalog.db") as db:
             db.execute("ALTER TABLE files RENAME TO files_gone")
-        with caplog.at_level("ERROR", logger="search_api.middleware"):
+        with caplog.at_level("ERROR", logger="search_api.http.middleware"):
             resp = c.get("/api/images/1")
         body = assert_problem(resp, 500)
         request_id = resp.headers["x-request-id"]
@@ -682,9 +682,10 @@ def run_round(encoder, make_jobs) -> tuple[list[object], list[tuple[str, int]]]:
         return await asyncio.gather(*tasks, return_exceptions=True)
 
     try:
-        return asyncio.run(main()), gate.batches[1:]
+        results = asyncio.run(main())
     finally:
-        worker.stop()
+        worker.stop()  # joins the thread: its last on_batch call has run before batches are read
+    return results, gate.batches[1:]
 
 
 def test_a_bad_text_fails_alone(encoder) -> None:

@@ -1,1 +1,1 @@
-"""Helpers the tests share (never imported by product code)."""
+"""Helpers shared by tests and benchmarks (never imported by product code)."""

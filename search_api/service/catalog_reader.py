@@ -1,27 +1,38 @@
-"""The API's access to the catalog: short sessions around the ``catalog.repository`` functions.
+"""The service's access to the catalog: short sessions around the ``catalog.repository`` functions.
 
-Routes never build SQL; they call this object, which opens one short session per call (SQLite in WAL
-mode lets these reads run while the indexer writes) and returns plain values.
+Nothing else in the service builds SQL; it calls this object, which opens one short session per call
+(SQLite in WAL mode lets these reads run while the indexer writes) and returns plain values.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from catalog import repository as repo
 from catalog.db import make_engine, session_factory
 from catalog.repository import ImageInfo
+from search_api.service.types import SearchFilters
 
-__all__ = ["CatalogView", "ImageInfo"]
+__all__ = ["CatalogReader", "ImageInfo", "readable_file"]
 
 
-class CatalogView:
+def readable_file(paths: Sequence[Path], roots: Iterable[Path]) -> Path | None:
+    """The first of ``paths`` that is a regular file and resolves (symlinks followed) inside a root."""
+    resolved_roots = [r.resolve() for r in roots]
+    for path in paths:
+        real = path.resolve()
+        if real.is_file() and any(real.is_relative_to(r) for r in resolved_roots):
+            return real
+    return None
+
+
+class CatalogReader:
     def __init__(self, database_url: str, *, engine: Engine | None = None) -> None:
         self.engine = engine or make_engine(database_url)
         self._sessions: sessionmaker[Session] = session_factory(self.engine)
@@ -33,9 +44,9 @@ class CatalogView:
     def published_generation(self) -> int:
         # begin(): the first read of a fresh catalog inserts the state row, which must be committed.
         with self._sessions.begin() as s:
-            return repo.published_generation(s)
+            return int(repo.published_generation(s))
 
-    def vectors(self, image_id: int, model_key: str) -> np.ndarray | None:
+    def vectors(self, image_id: int, model_key: str) -> npt.NDArray[np.float32] | None:
         with self._sessions() as s:
             return repo.load_embeddings(s, [image_id], model_key).get(image_id)
 
@@ -49,33 +60,27 @@ class CatalogView:
         with self._sessions() as s:
             return repo.list_roots(s)
 
-    def filter_ids(
-        self,
-        *,
-        root: str | None = None,
-        path_prefix: str | None = None,
-        captured_from: dt.datetime | None = None,
-        captured_to: dt.datetime | None = None,
-    ) -> set[int]:
-        """Ids of live images with a file matching every given filter (see ``repo.filter_image_ids``).
+    def filter_ids(self, filters: SearchFilters) -> set[int]:
+        """Ids of live images with a file matching every filter (see ``repo.filter_image_ids``).
 
         ``root`` names a library root folder; an unknown root matches nothing. ``path_prefix`` is
         relative to the root. Capture times compare with the camera's wall-clock time (naive).
         """
+        after, before = filters.captured_after, filters.captured_before
         with self._sessions() as s:
             root_id = None
-            if root:
-                wanted = Path(root).expanduser()
-                matches = [i for i, p in repo.list_roots(s).items() if p == wanted or str(p) == root]
+            if filters.root:
+                wanted = Path(filters.root).expanduser()
+                matches = [i for i, p in repo.list_roots(s).items() if p == wanted or str(p) == filters.root]
                 if not matches:
                     return set()
                 root_id = matches[0]
             ids = repo.filter_image_ids(
                 s,
                 root_id=root_id,
-                path_prefix=path_prefix or None,
-                captured_after=None if captured_from is None else captured_from.replace(tzinfo=None),
-                captured_before=None if captured_to is None else captured_to.replace(tzinfo=None),
+                path_prefix=filters.path_prefix or None,
+                captured_after=None if after is None else after.replace(tzinfo=None),
+                captured_before=None if before is None else before.replace(tzinfo=None),
             )
         return {int(i) for i in ids}
 
@@ -83,12 +88,8 @@ class CatalogView:
         """A readable file holding this image and lying inside its root (no symlink escapes)."""
         with self._sessions() as s:
             paths = repo.image_paths(s, [image_id]).get(image_id, [])
-            roots = [p.resolve() for p in repo.list_roots(s).values()]
-        for path in paths:
-            real = path.resolve()
-            if real.is_file() and any(real.is_relative_to(r) for r in roots):
-                return real
-        return None
+            roots = list(repo.list_roots(s).values())
+        return readable_file(paths, roots)
 
     # ------------------------------------------------------------------ captions
     def captions(self, ids: Iterable[int], model_key: str, prompt: str | None) -> dict[int, str]:

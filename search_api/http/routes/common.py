@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path
 
-from search_api.deps import require_reader
-from search_api.errors import PROBLEM_JSON
-from search_api.schemas import Problem
-from search_api.validation import ImageId, refuse_unknown_query
+from search_api.http.deps import require_reader
+from search_api.http.errors import PROBLEM_JSON
+from search_api.http.schemas import Problem
+from search_api.http.validation import ImageId, refuse_unknown_query
 
 # The same id rule as JSON and form ids: 1..2**53, so no id can overflow a SQL integer.
 IdPath = Annotated[ImageId, Path(description="Catalog image id.")]
 
 
-def api_router(prefix: str, tags: list[str]) -> APIRouter:
+def api_router(prefix: str, tags: list[str | Enum]) -> APIRouter:
     """A router of read endpoints: API key when required, and no undeclared query parameter."""
     return APIRouter(
         prefix=prefix, tags=tags, dependencies=[Depends(require_reader), Depends(refuse_unknown_query)]

@@ -14,6 +14,10 @@ Isolation: one job never fails another. Before a batch runs, each job's own inpu
 thread (its texts tokenize; a prompt plus the tokens to generate fit the caption model's positions); a
 job that fails the check gets ``InvalidInput`` (a 4xx for its caller) and stays out of the batch. If a
 batch still fails, its jobs run again one by one, so only a job that fails on its own gets the error.
+
+Only model work runs here. A search that re-ranks and then captions its top hits asks for ITM with
+``keep_features=True``, ranks on the event loop, and sends a ``caption_kept`` job for the rows it chose:
+the ViT features stay on this side in between, so there is still one ViT pass.
 """
 
 from __future__ import annotations
@@ -29,31 +33,43 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from blip2_embed.encoder import Blip2Encoder, VisionFeatures
+from search_api.service.errors import InvalidInput
+
+__all__ = ["InferenceWorker", "InvalidInput", "KeptFeatures", "ScoreResult"]
 
 log = logging.getLogger(__name__)
+
+
+Floats = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class KeptFeatures:
+    """ViT features of a ``score`` job's N images, kept on the worker for a later ``caption_kept``."""
+
+    token: int
+    size: int
 
 
 @dataclass
 class ScoreResult:
     """ITM of one text against N images, and captions of some of those images."""
 
-    probs: np.ndarray  # (N,)
-    logits: np.ndarray  # (N, 2)
+    probs: Floats  # (N,)
+    logits: Floats  # (N, 2)
     captions: dict[int, str]  # position in the batch -> caption
-
-
-class InvalidInput(ValueError):
-    """A job's own input cannot go through the model (the caller's fault: the routes answer 422)."""
+    kept: KeptFeatures | None = None
 
 
 @dataclass
 class _Job:
     kind: str
     payload: dict[str, Any]
-    future: Future
+    future: Future[Any]
     size: int
     enqueued: float = field(default_factory=time.perf_counter)
     truncated: list[bool] | None = None  # the token-limit flags of a text job, found by its input check
@@ -78,6 +94,11 @@ class InferenceWorker:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="blip2-inference", daemon=True)
         self._started = False
+        # Features kept between a score job and its caption job (token -> features); the lock because
+        # ``release`` may run on the event loop.
+        self._kept: dict[int, VisionFeatures] = {}
+        self._kept_lock = threading.Lock()
+        self._next_token = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -103,53 +124,81 @@ class InferenceWorker:
     async def _submit(self, kind: str, size: int, **payload: Any) -> Any:
         if not self._started:
             raise RuntimeError("the inference worker is not running")
-        fut: Future = Future()
+        fut: Future[Any] = Future()
         self._queue.put(_Job(kind, payload, fut, size))
         return await asyncio.wrap_future(fut)
 
-    async def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
+    async def embed_texts(self, texts: list[str]) -> tuple[Floats, list[bool]]:
         """(M, D) ITC text embeddings, and which texts were cut to the encoder's token limit.
 
         The truncation check runs here too: a fast tokenizer keeps its padding/truncation mode as
         mutable state, so calling it from the event loop while this thread encodes is a data race.
         """
-        return await self._submit("text", len(texts), texts=texts)
+        result: tuple[Floats, list[bool]] = await self._submit("text", len(texts), texts=texts)
+        return result
 
     async def text_truncation(self, texts: list[str]) -> list[bool]:
         """Which texts exceed the token limit (on the model thread; see ``embed_texts``)."""
-        return await self._submit("truncation", len(texts), texts=texts)
+        result: list[bool] = await self._submit("truncation", len(texts), texts=texts)
+        return result
 
-    async def embed_images(self, pixels: np.ndarray) -> np.ndarray:
+    async def embed_images(self, pixels: Floats) -> Floats:
         """(N, 32, D) ITC image embeddings of preprocessed pixels (N, 3, S, S)."""
-        return await self._submit("image", len(pixels), pixels=pixels)
+        result: Floats = await self._submit("image", len(pixels), pixels=pixels)
+        return result
 
     async def score(
         self,
-        pixels: np.ndarray,
+        pixels: Floats,
         text: str | None,
         *,
         itm_rows: list[int] | None = None,
-        caption_rows: list[int] | Callable[[ScoreResult], list[int]] | None = None,
+        caption_rows: list[int] | None = None,
         prompt: str | None = None,
         max_new_tokens: int = 30,
+        keep_features: bool = False,
     ) -> ScoreResult:
         """ITM and captions over one shared ViT pass of ``pixels`` (N, 3, S, S).
 
-        ITM scores ``text`` against ``itm_rows`` (default: every row; none without text). Captions are
-        made for ``caption_rows``: a list, or a function of the ITM result (so a search can caption its
-        top hits *after* re-ranking without a second ViT pass). Rows without ITM get probability 0.
+        ITM scores ``text`` against ``itm_rows`` (default: every row; none without text); captions are
+        made for ``caption_rows``. Rows without ITM get probability 0. With ``keep_features`` the ViT
+        features stay on the worker (``result.kept``) for ``caption_kept``; ``release`` them after.
         """
         rows = list(range(len(pixels))) if itm_rows is None else list(itm_rows)
-        return await self._submit(
+        result: ScoreResult = await self._submit(
             "vision",
             len(pixels),
             pixels=pixels,
             text=text,
             itm_rows=rows if text is not None else [],
-            caption_rows=caption_rows if callable(caption_rows) else list(caption_rows or []),
+            caption_rows=list(caption_rows or []),
             prompt=prompt or None,
             max_new_tokens=max_new_tokens,
+            keep=keep_features,
         )
+        return result
+
+    async def caption_kept(
+        self, kept: KeptFeatures, rows: list[int], *, prompt: str | None = None, max_new_tokens: int = 30
+    ) -> dict[int, str]:
+        """Captions of ``rows`` of a ``score(keep_features=True)`` job, from its kept ViT features
+        (released once they succeed)."""
+        result: dict[int, str] = await self._submit(
+            "caption", len(rows), kept=kept, rows=list(rows), prompt=prompt or None,
+            max_new_tokens=max_new_tokens,
+        )  # fmt: skip
+        return result
+
+    def release(self, kept: KeptFeatures | None) -> None:
+        """Drop kept features (a no-op once ``caption_kept`` used them)."""
+        if kept is not None:
+            with self._kept_lock:
+                self._kept.pop(kept.token, None)
+
+    @property
+    def kept_features(self) -> int:
+        with self._kept_lock:
+            return len(self._kept)
 
     # ------------------------------------------------------------------ worker thread
     def _run(self) -> None:
@@ -233,8 +282,14 @@ class InferenceWorker:
         elif kind == "vision":
             if p["itm_rows"]:
                 self._truncation([p["text"]])
-            if callable(p["caption_rows"]) or p["caption_rows"]:
+            if p["caption_rows"]:
                 self._check_prompt(p["prompt"], p["max_new_tokens"])
+        elif kind == "caption":
+            with self._kept_lock:
+                known = p["kept"].token in self._kept
+            if not known:
+                raise RuntimeError("caption_kept: those features were released")
+            self._check_prompt(p["prompt"], p["max_new_tokens"])
 
     def _truncation(self, texts: list[str]) -> list[bool]:
         try:
@@ -249,10 +304,11 @@ class InferenceWorker:
 
     def _check_prompt(self, prompt: str | None, max_new_tokens: int) -> None:
         model = self.encoder.caption_model
-        if model is None:  # the route refuses captions first; the batch reports it otherwise
+        if model is None:  # the service refuses captions first (NotConfigured)
             return
+        tokenizer = self.encoder.caption_tokenizer
         try:
-            prompt_tokens = len(self.encoder.caption_tokenizer(prompt)["input_ids"]) if prompt else 1
+            prompt_tokens = len(tokenizer(prompt)["input_ids"]) if prompt and tokenizer is not None else 1
         except Exception as exc:
             raise InvalidInput(f"the prompt cannot be tokenized ({type(exc).__name__})") from None
         # The language model sees the query tokens, the prompt and every generated token but the last;
@@ -266,7 +322,7 @@ class InferenceWorker:
                 "for the image)"
             )
 
-    def _batch_text(self, jobs: list[_Job]) -> list[tuple[np.ndarray, list[bool]]]:
+    def _batch_text(self, jobs: list[_Job]) -> list[tuple[Floats, list[bool]]]:
         texts = [t for j in jobs for t in j.payload["texts"]]
         vecs = self.encoder.embed_texts(texts)
         return [
@@ -277,7 +333,7 @@ class InferenceWorker:
     def _batch_truncation(self, jobs: list[_Job]) -> list[list[bool]]:
         return [list(j.truncated or []) for j in jobs]
 
-    def _batch_image(self, jobs: list[_Job]) -> list[np.ndarray]:
+    def _batch_image(self, jobs: list[_Job]) -> list[Floats]:
         pixels = np.concatenate([j.payload["pixels"] for j in jobs])
         vecs = self.encoder.embed_images(pixels)
         return _split_rows(vecs, [j.size for j in jobs])
@@ -296,9 +352,9 @@ class InferenceWorker:
         probs = np.zeros(len(pixels), np.float32)
         logits = np.zeros((len(pixels), 2), np.float32)
         if itm_rows:
-            res = self.encoder.itm(_take(feats, itm_rows), itm_texts)
-            probs[itm_rows] = res.probs
-            logits[itm_rows] = res.logits
+            itm = self.encoder.itm(_take(feats, itm_rows), itm_texts)
+            probs[itm_rows] = itm.probs
+            logits[itm_rows] = itm.logits
         results = [
             ScoreResult(
                 probs=probs[off : off + j.size].copy(), logits=logits[off : off + j.size].copy(), captions={}
@@ -306,20 +362,53 @@ class InferenceWorker:
             for j, off in zip(jobs, offsets, strict=False)
         ]
         # Captions: one generate call per distinct (prompt, length) over the rows that want one.
+        wanted = [
+            [off + r for r in j.payload["caption_rows"] if 0 <= r < j.size]
+            for j, off in zip(jobs, offsets, strict=False)
+        ]
+        captions = self._caption_groups(feats, jobs, wanted)
+        for res, off, job in zip(results, offsets, jobs, strict=False):
+            res.captions = {r - off: captions[r] for r in range(off, off + job.size) if r in captions}
+        for res, job, off in zip(results, jobs, offsets, strict=False):
+            if not job.payload["keep"]:
+                continue
+            with self._kept_lock:
+                self._next_token += 1
+                token = self._next_token
+                self._kept[token] = _take(feats, list(range(off, off + job.size)))
+            res.kept = KeptFeatures(token, job.size)
+        return results
+
+    def _batch_caption(self, jobs: list[_Job]) -> list[dict[int, str]]:
+        """Captions from kept features: every job's rows in one generate call per (prompt, length)."""
+        with self._kept_lock:
+            parts = [_take(self._kept[j.payload["kept"].token], j.payload["rows"]) for j in jobs]
+        feats = _concat(parts)
+        offsets = [int(o) for o in np.cumsum([0] + [len(j.payload["rows"]) for j in jobs])]
+        rows = [list(range(off, off + len(j.payload["rows"]))) for j, off in zip(jobs, offsets, strict=False)]
+        captions = self._caption_groups(feats, jobs, rows)
+        with self._kept_lock:  # used: dropped only now, so a failed batch can rerun job by job
+            for job in jobs:
+                self._kept.pop(job.payload["kept"].token, None)
+        return [
+            {orig: captions[off + n] for n, orig in enumerate(j.payload["rows"])}
+            for j, off in zip(jobs, offsets, strict=False)
+        ]
+
+    def _caption_groups(
+        self, feats: VisionFeatures, jobs: list[_Job], rows_per_job: list[list[int]]
+    ) -> dict[int, str]:
+        """Caption ``rows_per_job`` (rows of ``feats``), grouping jobs by (prompt, max_new_tokens)."""
         groups: dict[tuple[str | None, int], list[int]] = {}
-        for job, off, res in zip(jobs, offsets, results, strict=False):
-            want = job.payload["caption_rows"]
-            rows = want(res) if callable(want) else want
+        for job, rows in zip(jobs, rows_per_job, strict=True):
             key = (job.payload["prompt"], job.payload["max_new_tokens"])
-            groups.setdefault(key, []).extend(off + r for r in rows if 0 <= r < job.size)
+            groups.setdefault(key, []).extend(rows)
         captions: dict[int, str] = {}
         for (prompt, max_new), rows in groups.items():
             if rows:
                 texts = self.encoder.caption(_take(feats, rows), prompt, max_new_tokens=max_new)
                 captions.update(zip(rows, texts, strict=True))
-        for res, off, job in zip(results, offsets, jobs, strict=False):
-            res.captions = {r - off: captions[r] for r in range(off, off + job.size) if r in captions}
-        return results
+        return captions
 
 
 def _take(feats: VisionFeatures, rows: list[int]) -> VisionFeatures:
@@ -330,5 +419,13 @@ def _take(feats: VisionFeatures, rows: list[int]) -> VisionFeatures:
     )
 
 
-def _split_rows(arr: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
-    return np.split(arr, np.cumsum(sizes)[:-1]) if sizes else []
+def _concat(parts: list[VisionFeatures]) -> VisionFeatures:
+    pixels = [p.pixels for p in parts]
+    return VisionFeatures(
+        hidden=torch.cat([p.hidden for p in parts]),
+        pixels=None if any(p is None for p in pixels) else torch.cat([p for p in pixels if p is not None]),
+    )
+
+
+def _split_rows(arr: Floats, sizes: list[int]) -> list[Floats]:
+    return list(np.split(arr, np.cumsum(sizes)[:-1])) if sizes else []

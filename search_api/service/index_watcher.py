@@ -18,10 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from catalog.index_store import LiveIndex, VectorIndexOptions
 from catalog.vector_index import MultiVectorIndex
-from search_api.catalog_view import CatalogView
+from search_api.service.catalog_reader import CatalogReader
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,15 @@ class IndexHandle:
         return 0 if self.index is None else len(self.index)
 
     @staticmethod
-    def _allowed(allowed: set[int] | None) -> np.ndarray | None:
+    def _allowed(allowed: set[int] | None) -> npt.NDArray[np.int64] | None:
         return None if allowed is None else np.fromiter(allowed, np.int64, len(allowed))
 
     @staticmethod
-    def _pairs(ids: np.ndarray, scores: np.ndarray) -> list[tuple[int, float]]:
+    def _pairs(ids: npt.NDArray[np.int64], scores: npt.NDArray[np.float32]) -> list[tuple[int, float]]:
         return [(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if i >= 0]
 
     def search(
-        self, query: np.ndarray, k: int, *, allowed: set[int] | None = None
+        self, query: npt.NDArray[np.float32], k: int, *, allowed: set[int] | None = None
     ) -> list[tuple[int, float]]:
         """Top-k images by max-sim of one (D,) text vector (exact for a flat index)."""
         if self.index is None or len(self.index) == 0 or (allowed is not None and not allowed):
@@ -56,7 +57,12 @@ class IndexHandle:
         return self._pairs(ids[0], scores[0])
 
     def search_by_image(
-        self, vectors: np.ndarray, k: int, *, allowed: set[int] | None = None, exclude: int | None = None
+        self,
+        vectors: npt.NDArray[np.float32],
+        k: int,
+        *,
+        allowed: set[int] | None = None,
+        exclude: int | None = None,
     ) -> list[tuple[int, float]]:
         """Top-k images by Chamfer similarity to an image's (32, D) vectors."""
         if self.index is None or len(self.index) == 0 or (allowed is not None and not allowed):
@@ -72,7 +78,7 @@ class IndexWatcher:
 
     def __init__(
         self,
-        view: CatalogView,
+        catalog: CatalogReader,
         model_key: str,
         path: Path,
         options: VectorIndexOptions,
@@ -80,7 +86,7 @@ class IndexWatcher:
         poll_seconds: float = 2.0,
         on_change: Callable[[IndexHandle], None] | None = None,
     ) -> None:
-        self.view = view
+        self.catalog = catalog
         self.model_key = model_key
         self.path = path
         self.options = options
@@ -90,7 +96,7 @@ class IndexWatcher:
         self._live: LiveIndex | None = None
         self._on_change = on_change
         self._lock = threading.Lock()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def loaded(self) -> bool:
@@ -102,9 +108,9 @@ class IndexWatcher:
     def refresh(self) -> IndexHandle:
         """Blocking: open the index if needed, then catch up to the published generation."""
         with self._lock:
-            self.published = self.view.published_generation()
+            self.published = self.catalog.published_generation()
             if self._live is None:
-                self._live = LiveIndex(self.view.engine, self.model_key, self.path, self.options)
+                self._live = LiveIndex(self.catalog.engine, self.model_key, self.path, self.options)
                 changed = True
             elif self._live.generation != self.published:
                 changed = self._live.refresh()
@@ -127,9 +133,12 @@ class IndexWatcher:
                 "index catch-up failed (%s); serving generation %d", self.error, self.handle().generation
             )
 
-    async def start(self) -> None:
+    async def start(self, *, poll: bool = True) -> None:
+        """Open the index (retried by the poll loop if the catalog is not there yet); ``poll=False``
+        opens it once (a one-shot caller such as the CLI)."""
         await asyncio.to_thread(self._try_refresh)
-        self._task = asyncio.create_task(self._poll(), name="index-watcher")
+        if poll:
+            self._task = asyncio.create_task(self._poll(), name="index-watcher")
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -1,9 +1,10 @@
 """One error shape for every failure: RFC 9457 problem details (``application/problem+json``).
 
 Every handler here answers with ``{"type", "title", "status", "detail"}`` (plus ``errors`` for
-validation failures) and never with a stack trace. Unexpected exceptions are not handled here but in
-``search_api.middleware.CatchAllMiddleware``, inside the metrics and security-header middleware: it logs
-them server-side and the client sees only a generic 500 with a request id it can quote.
+validation failures) and never with a stack trace. The search service's typed errors get their status
+here, in ``SERVICE_STATUS``, the one place that maps them. Unexpected exceptions are not handled here
+but in ``search_api.http.middleware.CatchAllMiddleware``, inside the metrics and security-header
+middleware: it logs them server-side and the client sees only a generic 500 with a request id.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from search_api.inference import InvalidInput
+from search_api.service.errors import (
+    BadInput,
+    NotConfigured,
+    NotFound,
+    ServiceError,
+    TooLarge,
+    Unavailable,
+    UnsupportedMedia,
+)
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -38,10 +47,27 @@ _TITLES = {
 }
 
 
-class ApiError(Exception):
-    """An error a route raises on purpose; becomes a problem+json response with this status."""
+# Service error -> HTTP status (the most specific class listed first wins).
+SERVICE_STATUS: tuple[tuple[type[ServiceError], int], ...] = (
+    (BadInput, 422),  # InvalidInput (the model thread refused one job's input) included
+    (NotFound, 404),
+    (TooLarge, 413),
+    (UnsupportedMedia, 415),
+    (NotConfigured, 409),
+    (Unavailable, 503),
+)
 
-    def __init__(self, status: int, detail: str, *, code: str | None = None, headers: dict | None = None):
+
+def service_status(exc: ServiceError) -> int:
+    return next((status for cls, status in SERVICE_STATUS if isinstance(exc, cls)), 500)
+
+
+class ApiError(Exception):
+    """An HTTP-only error (auth, start-up) a dependency raises; becomes problem+json with this status."""
+
+    def __init__(
+        self, status: int, detail: str, *, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
@@ -59,7 +85,7 @@ class ProblemResponse(JSONResponse):
 
 
 def problem(
-    status: int, detail: str, *, code: str | None = None, headers: dict | None = None, **extra: Any
+    status: int, detail: str, *, code: str | None = None, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
     title = _TITLES.get(status, "Error")
     body: dict[str, Any] = {
@@ -98,7 +124,6 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = f"{'.'.join(first['loc'][1:] or first['loc'])}: {first['msg']}"
         return problem(422, detail, code="validation-error", errors=errors)
 
-    @app.exception_handler(InvalidInput)
-    async def _invalid_input(_: Request, exc: InvalidInput) -> JSONResponse:
-        # The model thread found this request's own input unusable (other requests of its batch ran).
-        return problem(422, str(exc), code="invalid-input")
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return problem(service_status(exc), exc.detail, code=exc.code)

@@ -1,8 +1,18 @@
-"""Prometheus metrics, on a registry per app so several apps (tests) never clash."""
+"""Prometheus metrics, on a registry per service so several services (tests) never clash.
+
+The HTTP counters live here too: the HTTP layer counts its answers into the same registry.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -44,3 +54,10 @@ class Metrics:
     def on_batch(self, kind: str, items: int, seconds: float) -> None:
         self.batch_items.labels(kind).observe(items)
         self.batch_seconds.labels(kind).observe(seconds)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.stage_seconds.labels(stage).observe(seconds)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The registry in the text exposition format, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,18 +1,34 @@
-"""Request and response bodies of the HTTP API (what the OpenAPI schema documents)."""
+"""Request and response bodies of the HTTP API (what the OpenAPI schema documents), and the mapping
+of the service's results onto them (``of``: the one place URLs are added)."""
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from blip2_search.settings import Settings
-from search_api.validation import ImageId, JsonImageId, JsonNewTokens, NewTokens, int_type, text_type
+from search_api.http.validation import ImageId, JsonImageId, JsonNewTokens, NewTokens, int_type, text_type
+from search_api.service import types as st
+from search_api.service.embed import MAX_TEXTS
+from search_api.service.search import MAX_OFFSET
 
-# One /embed/text call takes at most this many texts; no page starts past this offset.
-MAX_TEXTS = 64
-MAX_OFFSET = 10_000
+__all__ = ["MAX_OFFSET", "MAX_TEXTS"]
+
+
+def image_urls(image_id: int) -> dict[str, str]:
+    return {
+        "thumbnail_url": f"/api/images/{image_id}/thumbnail",
+        "original_url": f"/api/images/{image_id}/original",
+    }
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    """A service dataclass's fields, shallow (nested dataclasses stay objects for their own ``of``)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
 class Problem(BaseModel):
@@ -22,7 +38,7 @@ class Problem(BaseModel):
     title: str
     status: int
     detail: str
-    errors: list[dict] | None = None
+    errors: list[dict[str, Any]] | None = None
 
 
 class FileRef(BaseModel):
@@ -49,6 +65,11 @@ class ImageDetail(ImageSummary):
     files: list[FileRef]
     caption: str | None = Field(None, description="The cached plain caption, if one was generated.")
 
+    @classmethod
+    def of(cls, d: st.ImageDetail) -> "ImageDetail":
+        files = [FileRef(**_fields(f)) for f in d.files]
+        return cls.model_validate({**_fields(d), "files": files, **image_urls(d.image_id)})
+
 
 class SearchHit(ImageSummary):
     rank: int = Field(description="1-based position in the full ranking (offset included).")
@@ -63,6 +84,10 @@ class SearchHit(ImageSummary):
     )
     reranked: bool
     caption: str | None = None
+
+    @classmethod
+    def of(cls, hit: st.Hit) -> "SearchHit":
+        return cls.model_validate({**_fields(hit), **image_urls(hit.image_id)})
 
 
 class SearchResponse(BaseModel):
@@ -79,8 +104,12 @@ class SearchResponse(BaseModel):
     next_offset: int | None = Field(description="Offset of the next page, null on the last one.")
     timings_ms: dict[str, float] = Field(
         description="Per-stage wall time: text_encode / image_encode, vector_search, load_candidates, "
-        "rerank (ViT + ITM + captions share one batch), captions_cached, total."
+        "rerank (ViT + ITM), captions (from the same ViT features), captions_cached, total."
     )
+
+    @classmethod
+    def of(cls, page: st.SearchPage) -> "SearchResponse":
+        return cls(**{**_fields(page), "hits": [SearchHit.of(h) for h in page.hits]})
 
 
 class RerankItem(BaseModel):
@@ -98,6 +127,10 @@ class RerankResponse(BaseModel):
     results: list[RerankItem] = Field(description="Sorted by itm_prob, highest first.")
     timings_ms: dict[str, float]
 
+    @classmethod
+    def of(cls, r: st.RerankResult) -> "RerankResponse":
+        return cls(**{**_fields(r), "results": [RerankItem(**_fields(i)) for i in r.results]})
+
 
 class CaptionResponse(BaseModel):
     image_id: int | None = None
@@ -107,12 +140,20 @@ class CaptionResponse(BaseModel):
     model_key: str
     timings_ms: dict[str, float]
 
+    @classmethod
+    def of(cls, c: st.CaptionResult) -> "CaptionResponse":
+        return cls(**_fields(c))
+
 
 class EmbedTextResponse(BaseModel):
     model_key: str
     dim: int
     truncated: list[bool]
     vectors: list[list[float]] = Field(description="(M, D) L2-normalised ITC text vectors.")
+
+    @classmethod
+    def of(cls, e: st.TextEmbeddings) -> "EmbedTextResponse":
+        return cls(**{**_fields(e), "vectors": e.vectors.tolist()})
 
 
 class EmbedImageResponse(BaseModel):
@@ -121,6 +162,10 @@ class EmbedImageResponse(BaseModel):
     dim: int
     num_vectors: int
     vectors: list[list[float]] = Field(description="(32, D) L2-normalised ITC query vectors.")
+
+    @classmethod
+    def of(cls, e: st.ImageEmbedding) -> "EmbedImageResponse":
+        return cls(**{**_fields(e), "vectors": e.vectors.tolist()})
 
 
 class Health(BaseModel):
@@ -136,6 +181,10 @@ class Readiness(BaseModel):
     indexed_images: int
     inference_queue: int
     detail: str | None = None
+
+    @classmethod
+    def of(cls, r: st.Readiness) -> "Readiness":
+        return cls(**_fields(r))
 
 
 # ------------------------------------------------------------------ request bodies

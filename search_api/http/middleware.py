@@ -17,7 +17,7 @@ from urllib.parse import unquote_to_bytes
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from search_api.errors import problem
+from search_api.http.errors import problem
 
 log = logging.getLogger(__name__)
 

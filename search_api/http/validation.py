@@ -3,7 +3,7 @@
 Texts (JSON bodies, query parameters, form fields) go through ``text_type``; image ids (path, JSON,
 form) are ``ImageId`` / ``JsonImageId``, one range. A bad value therefore gets the same 422 wherever it
 is sent, before any of it reaches the tokenizer, the database or the model thread. Request bodies (JSON
-and forms, ``search_api.schemas``) refuse unknown fields with ``extra="forbid"``;
+and forms, ``search_api.http.schemas``) refuse unknown fields with ``extra="forbid"``;
 ``refuse_unknown_query`` does the same for query strings.
 """
 
