@@ -135,7 +135,7 @@ def render_summary(console: Console, summary: RunSummary, max_failures: int = 50
     table = Table(title=title, show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
-    rows = [
+    rows: list[tuple[str, object]] = [
         ("new", summary.new),
         ("changed", summary.changed),
         ("unchanged", summary.unchanged),

@@ -73,5 +73,4 @@ def demo(
 
     index(ctx, [photo_dir / "images"], caption=True)
     if serve:
-        typer.echo(f"serving the demo at http://{host}:{port}/  (Ctrl-C stops it)")
         serve_api(host=host, port=port)
