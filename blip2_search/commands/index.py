@@ -150,7 +150,11 @@ def index(
             watched = watch_and_index(
                 list(paths),
                 run,
-                WatchOptions(quiet_seconds=debounce, ignore=_own_folders(settings, options)),
+                WatchOptions(
+                    quiet_seconds=debounce,
+                    ignore=_own_folders(settings, options),
+                    include_hidden=options.include_hidden,
+                ),
                 stop=stop,
                 on_run=lambda s, initial: report_watch_run(console, s, initial, as_json),
                 on_watching=lambda: console.print(f"watching {len(paths)} folder(s); Ctrl-C stops"),
