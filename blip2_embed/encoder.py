@@ -23,7 +23,13 @@ from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetriev
 from blip2_embed.decoding import GreedyDecoder, greedy_plan
 from blip2_embed.graphs import GraphedFunction, attention_mask_4d
 from blip2_embed.images import ImageSpec, preprocess
-from blip2_embed.loading import load_pretrained, load_tokenizer, model_key, resolve_device, resolve_dtype
+from blip2_embed.loading import (
+    load_pretrained,
+    load_tokenizer,
+    model_key,
+    resolve_dtype,
+    resolve_torch_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +53,7 @@ class VisionFeatures:
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
-    def __getitem__(self, index: slice) -> VisionFeatures:
+    def __getitem__(self, index: slice | torch.Tensor) -> VisionFeatures:
         return VisionFeatures(
             hidden=self.hidden[index],
             pixels=None if self.pixels is None else self.pixels[index],
@@ -226,7 +232,7 @@ class Blip2Encoder:
         ``qformer_dtype`` (e.g. bf16) overrides transformers' fp32 Q-Former; ``attn_implementation``
         is passed to ``from_pretrained`` (transformers 5 picks ``sdpa`` for BLIP-2 by default).
         """
-        dev = resolve_device(device)
+        dev = resolve_torch_device(device)
         dt = resolve_dtype(dtype, dev)
         load_kwargs: dict[str, object] = {"dtype": dt}
         if attn_implementation:

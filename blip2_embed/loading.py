@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
@@ -19,6 +20,7 @@ from blip2_embed.errors import ConfigurationError, ModelNotFoundError
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=PreTrainedModel)
+T = TypeVar("T")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -31,7 +33,7 @@ _DTYPES = {
 }
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
+def resolve_torch_device(device: str | torch.device | None = None) -> torch.device:
     """The requested device, else CUDA when present, else CPU.
 
     A device this machine lacks is refused here, in one line, rather than deep inside the first
@@ -143,7 +145,13 @@ def _hub_unreachable(timeout: float = 3.0) -> str | None:
 
 
 def load_pretrained(cls: type[M], name: str, role: str, **kwargs: object) -> M:
-    """``cls.from_pretrained(name)`` that prefers local files and fails with one clear error.
+    """``cls.from_pretrained(name)`` that prefers local files and fails with one clear error."""
+    return _local_first(cls.from_pretrained, name, role, **kwargs)
+
+
+def _local_first(from_pretrained: Callable[..., T], name: str, role: str, **kwargs: object) -> T:
+    """``from_pretrained(name)`` (weights or a tokenizer) that prefers local files and fails with one
+    clear error.
 
     A local folder is loaded directly; a hub id is tried from the local cache first so an offline
     machine never waits on the network, then (unless HF_HUB_OFFLINE is set) from the hub.
@@ -156,11 +164,11 @@ def load_pretrained(cls: type[M], name: str, role: str, **kwargs: object) -> M:
         if not (Path(name) / "config.json").is_file():
             raise ModelNotFoundError(name, f"The {role} model folder {name!r} has no config.json.")
         try:
-            return cls.from_pretrained(name, **kwargs)
+            return from_pretrained(name, **kwargs)
         except (OSError, ValueError) as exc:
             raise _not_found(name, role, exc) from exc
     try:
-        return cls.from_pretrained(name, local_files_only=True, **kwargs)
+        return from_pretrained(name, local_files_only=True, **kwargs)
     except OSError as local_exc:
         if _hub_offline():
             raise ModelNotFoundError(
@@ -175,7 +183,7 @@ def load_pretrained(cls: type[M], name: str, role: str, **kwargs: object) -> M:
             f"and the hub cannot be reached ({why}). " + _how_to_provide(name, role),
         )
     try:
-        return cls.from_pretrained(name, **kwargs)
+        return from_pretrained(name, **kwargs)
     except Exception as exc:  # the hub client raises many kinds; all mean "not available here"
         raise _not_found(name, role, exc) from exc
 
@@ -229,7 +237,8 @@ def locate_checkpoint(name: str, role: str) -> Path:
 
 def load_tokenizer(name: str, role: str) -> PreTrainedTokenizerBase:
     """The checkpoint's tokenizer, with the same local-first policy as the weights."""
-    return load_pretrained(AutoTokenizer, name, role)  # type: ignore[arg-type]
+    tokenizer: PreTrainedTokenizerBase = _local_first(AutoTokenizer.from_pretrained, name, role)
+    return tokenizer
 
 
 def fingerprint(*tensors: torch.Tensor) -> str:

@@ -22,8 +22,8 @@ from typing import Any
 
 from watchfiles import DefaultFilter, watch
 
-from indexer.run import RunSummary
 from indexer.scan import is_skipped_dir
+from indexer.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def folders_to_rescan(roots: Iterable[Path], changed: Iterable[Path], max_folder
         while folder != root and not folder.is_dir():
             folder = folder.parent  # a deleted folder: its parent's scan marks its photos deleted
         chosen.add(folder)
-    cover = [f for f in sorted(chosen, key=lambda f: len(f.parts)) if not any(c in f.parents for c in chosen)]
+    cover = sorted(f for f in chosen if not any(c in f.parents for c in chosen))
     return roots if len(cover) > max_folders else cover
 
 

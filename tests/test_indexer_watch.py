@@ -3,6 +3,7 @@ events (watchfiles), a real SQLite catalog, stopped with SIGINT."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import signal
 import sqlite3
@@ -11,6 +12,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from indexer.watch import folders_to_rescan, skipped_by_scan
 from tests.test_indexer_cli import REPO, _env
@@ -72,6 +75,9 @@ def test_watch_indexes_added_and_removed_photos_then_stops_on_sigint(
     try:
         _wait_for(lambda: _catalog(data)[0] == 1, proc, "the initial run's generation")
         assert _catalog(data)[1] == {"a/1.jpg": "indexed", "a/2.jpg": "indexed"}
+        # Between batches too, the watcher is the data folder's one writer.
+        with open(data / "indexer.lock", "a+") as lock, pytest.raises(BlockingIOError):
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
         # A new photo in a new folder: one batch, one generation.
         write_image(lib / "b/3.jpg", 3)

@@ -18,6 +18,7 @@ from blip2_search.demo_model import DEMO_MODEL_DIR, demo_model_present
 
 
 def demo(
+    ctx: typer.Context,
     data_dir: Annotated[Path, typer.Option(help="Where the demo photos, catalog and index go.")] = Path(
         "demo-data"
     ),
@@ -70,7 +71,6 @@ def demo(
     from blip2_search.commands.index import index
     from blip2_search.commands.serve import serve as serve_api
 
-    index([photo_dir / "images"], caption=True)
+    index(ctx, [photo_dir / "images"], caption=True)
     if serve:
-        typer.echo(f"serving the demo at http://{host}:{port}/  (Ctrl-C stops it)")
         serve_api(host=host, port=port)

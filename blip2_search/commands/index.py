@@ -9,26 +9,31 @@ import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TextIO
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from blip2_search.commands.common import DatabaseUrlOption, load_encoder, settings_from
+from blip2_search.commands.common import DatabaseUrlOption, fail, load_encoder, settings_from
+from blip2_search.failures import EXIT_FATAL, EXIT_USAGE, explain
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from rich.console import Console
+
     from blip2_search.settings import Settings
-    from indexer.run import IndexOptions
+    from indexer.run import IndexOptions, IndexTarget, RunSummary
+    from indexer.watch import WatchOptions, WatchSummary
 
 log = logging.getLogger(__name__)
 
-# Exit codes: 0 done (some files may have failed: see the summary), 1 fatal error (database, I/O),
-# 2 bad arguments, 3 model not found (from load_encoder), 130 interrupted by SIGINT.
-EXIT_FATAL = 1
-EXIT_USAGE = 2
+# Exit codes: 0 done (some files may have failed: see the summary), 1 fatal error (database, I/O,
+# another indexer running), 2 bad arguments, 3 model not found (from load_encoder), 130 interrupted.
 EXIT_INTERRUPTED = 130
 
 
 def index(
+    ctx: typer.Context,
     paths: Annotated[list[Path], typer.Argument(help="Photo folders to index (recursively).")],
     caption: Annotated[bool, typer.Option("--caption", help="Store an OPT caption for each image.")] = False,
     caption_prompt: Annotated[str | None, typer.Option(help="Prompt for --caption captions.")] = None,
@@ -68,15 +73,18 @@ def index(
     ] = 2.0,
 ) -> None:
     """Index photo folders: new and changed photos are embedded, moved ones keep their embedding,
-    deleted ones leave the index. Safe to interrupt; the next run continues."""
+    deleted ones leave the index. Safe to interrupt; the next run continues.
+
+    A program that runs this command in-process may pass a ``ProgressSink`` as the Click context object
+    (``app(args, obj=sink)``) to observe the run's stages as well.
+    """
     from rich.console import Console
 
-    from catalog.db import make_engine, session_factory, upgrade
     from catalog.paths import encode_path
-    from indexer.index_sync import catch_up_index
-    from indexer.report import RichProgress, render_summary, render_watch_summary, report_watch_run
-    from indexer.run import IndexOptions, RunSummary, default_workers, run_index
-    from indexer.watch import WatchOptions, watch_and_index
+    from indexer.progress import FanOut, ProgressSink
+    from indexer.report import PlainProgress, RichProgress, render_summary, render_watch_summary
+    from indexer.run import IndexOptions, IndexTarget, run_index
+    from indexer.watch import WatchOptions
 
     settings = settings_from(
         database_url=database_url,
@@ -89,29 +97,26 @@ def index(
     console = Console(stderr=True)
     for p in paths:
         if not p.is_dir():
-            typer.secho(f"not a folder: {encode_path(p)}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(EXIT_USAGE)
+            fail(f"not a folder: {encode_path(p)}", EXIT_USAGE)
     if watch and dry_run:
-        typer.secho("--watch and --dry-run do not go together", fg=typer.colors.RED, err=True)
-        raise typer.Exit(EXIT_USAGE)
+        fail("--watch and --dry-run do not go together", EXIT_USAGE)
 
     encoder = load_encoder(settings, caption=caption)  # exits 3 when a model is missing
-    options = IndexOptions(
-        roots=list(paths),
-        batch_size=settings.batch_size,
-        workers=default_workers() if settings.index_workers is None else settings.index_workers,
+    options = IndexOptions.from_settings(
+        settings,
+        list(paths),
         caption=caption,
         caption_prompt=caption_prompt,
         dry_run=dry_run,
-        include_hidden=settings.index_include_hidden,
-        thumbnail_dir=settings.thumbnail_dir or settings.data_dir / "thumbnails",
-        thumbnail_size=settings.thumbnail_size,
-        model_input_dir=settings.model_input_dir,
-        fast_jpeg=settings.fast_jpeg,
-        max_pixels=settings.max_image_pixels,
-        hash_threads=settings.index_hash_threads,
         retry_failed=retry_failed,
     )
+    if as_json:
+        display: ProgressSink | None = None
+    elif console.is_terminal and sys.stdout.isatty():
+        display = RichProgress(console)
+    else:  # a log file or a pipe: a live bar would be a mess of control codes
+        display = PlainProgress(sys.stderr)
+    progress = FanOut([display, ctx.find_object(ProgressSink)])
 
     stop = threading.Event()
 
@@ -123,31 +128,15 @@ def index(
         console.print(f"[yellow]{what} (Ctrl-C again to abort)[/]")
 
     previous = signal.signal(signal.SIGINT, on_sigint)
-    url = settings.resolved_database_url
-    writer_lock = None
+    target = IndexTarget.from_settings(settings)
+
+    def run(folders: list[Path], target: IndexTarget = target) -> RunSummary:
+        return run_index(target, encoder, replace(options, roots=folders), progress=progress, stop=stop)
+
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        if not dry_run:
-            writer_lock = _hold_writer_lock(settings.data_dir / "indexer.lock")
-        upgrade(url)  # idempotent; a fresh data dir just works (a dry run too: an empty schema)
-        engine = make_engine(url)
-        sessions = session_factory(engine)
-        progress = None if as_json else RichProgress(console)
-
-        def run(folders: list[Path]) -> RunSummary:
-            return run_index(
-                sessions,
-                encoder,
-                replace(options, roots=folders),
-                progress=progress,
-                stop=stop,
-                after_publish=lambda s: catch_up_index(
-                    engine, encoder.retrieval_key, settings.resolved_vector_index_dir, settings
-                ),
-            )
-
         if watch:
-            watched = watch_and_index(
+            watched = _watch(
+                target,
                 list(paths),
                 run,
                 WatchOptions(
@@ -155,24 +144,19 @@ def index(
                     ignore=_own_folders(settings, options),
                     include_hidden=options.include_hidden,
                 ),
-                stop=stop,
-                on_run=lambda s, initial: report_watch_run(console, s, initial, as_json),
-                on_watching=lambda: console.print(f"watching {len(paths)} folder(s); Ctrl-C stops"),
+                stop,
+                console,
+                as_json,
             )
         else:
             summary = run(list(paths))
     except typer.Exit:
         raise
     except Exception as exc:
-        from blip2_search.failures import explain
-
         log.debug("fatal", exc_info=True)
-        typer.secho(f"indexing failed: {explain(exc)[0]}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(EXIT_FATAL) from None
+        fail(f"indexing failed: {explain(exc)[0]}", EXIT_FATAL)
     finally:
         signal.signal(signal.SIGINT, previous)
-        if writer_lock is not None:
-            writer_lock.close()
 
     if watch:
         if as_json:
@@ -188,25 +172,40 @@ def index(
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
+def _watch(
+    target: IndexTarget,
+    paths: list[Path],
+    run: Callable[[list[Path], IndexTarget], RunSummary],
+    options: WatchOptions,
+    stop: threading.Event,
+    console: Console,
+    as_json: bool,
+) -> WatchSummary:
+    """``--watch``: the data folder's lock is held for the whole watch, not per batch, so a second
+    indexer refuses to start instead of failing a batch later."""
+    from indexer.report import report_watch_run
+    from indexer.watch import watch_and_index
+    from indexer.writer_lock import writer_lock
+
+    assert target.lock_path is not None
+    with writer_lock(target.lock_path):
+        held = replace(target, lock_path=None)
+        return watch_and_index(
+            paths,
+            lambda folders: run(folders, held),
+            options,
+            stop=stop,
+            on_run=lambda s, initial: report_watch_run(console, s, initial, as_json),
+            on_watching=lambda: console.print(f"watching {len(paths)} folder(s); Ctrl-C stops"),
+        )
+
+
 def _own_folders(settings: Settings, options: IndexOptions) -> list[Path]:
     """What the indexer writes (a watch must not wake up on its own output)."""
-    own = [settings.data_dir, settings.resolved_vector_index_dir, options.thumbnail_dir]
-    own.append(options.model_input_dir)
+    own = [
+        settings.data_dir,
+        settings.resolved_vector_index_dir,
+        options.thumbnail_dir,
+        options.model_input_dir,
+    ]
     return [p for p in own if p is not None]
-
-
-def _hold_writer_lock(path: Path) -> TextIO:
-    """The catalog takes one writer at a time (its generation protocol assumes it): hold an exclusive
-    lock on a file in the data folder while the run lasts, or exit with a clear message."""
-    import fcntl
-
-    fh = open(path, "a+")  # noqa: SIM115 - held open for the run; closing it releases the lock
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        typer.secho(
-            f"another indexer is running on this data folder (lock {path})", fg=typer.colors.RED, err=True
-        )
-        raise typer.Exit(EXIT_FATAL) from None
-    return fh
