@@ -87,6 +87,17 @@ def query_output(model: nn.Module, image_embeds: torch.Tensor) -> torch.Tensor:
     return out.last_hidden_state
 
 
+def lm_text_ids(tokenizer: PreTrainedTokenizerBase, text: str | None, bos_token_id: int) -> list[int]:
+    """The language model's text after the soft prompt: ``[BOS] + tokens(text)``.
+
+    BOS is put here, not left to the tokenizer: OPT's adds one, others add none, and the caption
+    model is trained (``blip2_train``) and run on ``[image] * Q + [BOS] + ...`` either way. For OPT
+    this is exactly what ``Blip2Processor`` gives ``generate``.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    return [bos_token_id, *ids]
+
+
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(
@@ -500,10 +511,7 @@ class Blip2Encoder:
                 "the caption checkpoint's config has no image_token_index; use a current "
                 "Blip2ForConditionalGeneration checkpoint (e.g. Salesforce/blip2-opt-2.7b)"
             )
-        if prompt:
-            text_ids = tok(prompt, add_special_tokens=True)["input_ids"]
-        else:
-            text_ids = [model.config.text_config.bos_token_id]
+        text_ids = lm_text_ids(tok, prompt, model.config.text_config.bos_token_id)
         return torch.tensor(
             [[image_token] * model.config.num_query_tokens + list(text_ids)], device=self.device
         )

@@ -25,6 +25,9 @@ def scenes(
     max_objects: Annotated[int, typer.Option(min=1, max=4, help="Objects per scene (1..N).")] = 1,
     captions: Annotated[int, typer.Option(min=1, max=7, help="Captions per image.")] = 5,
     split: Annotated[str, typer.Option(help="Split name written into karpathy.json.")] = "test",
+    queries: Annotated[
+        bool, typer.Option("--queries", help='Also write partial descriptions ("the red circle").')
+    ] = False,
 ) -> None:
     """Generate a synthetic dataset: coloured shapes on backgrounds, with captions."""
     from blip2_train.scenes import generate_dataset
@@ -37,6 +40,7 @@ def scenes(
         max_objects=max_objects,
         captions_per_image=captions,
         split=split,
+        queries=queries,
     )
     typer.echo(f"wrote {len(records)} scenes to {folder}")
 
@@ -79,6 +83,10 @@ def train(
     lr1: Annotated[float, typer.Option(help="Stage-1 peak learning rate.")] = 1e-3,
     lr2: Annotated[float, typer.Option(help="Stage-2 peak learning rate.")] = 1e-3,
     warmup: Annotated[int, typer.Option(min=0, help="Linear warm-up steps.")] = 50,
+    query_ratio: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Share of stage-0/1 texts taken from the images' queries."),
+    ] = 0.0,
     weight_decay: Annotated[float, typer.Option(min=0)] = 0.05,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if present).")] = None,
@@ -124,6 +132,7 @@ def train(
         lr1=lr1,
         lr2=lr2,
         warmup=warmup,
+        query_ratio=query_ratio,
         weight_decay=weight_decay,
         seed=seed,
         device=device,

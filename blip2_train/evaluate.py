@@ -128,6 +128,54 @@ def evaluate_retrieval(
 
 
 @dataclass
+class ShortQueryReport:
+    """Top-1 of short colour + shape queries ("the red circle") over a gallery of scenes."""
+
+    queries: int
+    itc: float  # share whose ITC top hit has the query's colour and shape
+    itm: float  # the same after ITM re-ranks the ITC top k (the search API's re-rank)
+    colour_itc: float  # share whose ITC top hit has the right colour (any shape)
+    k: int
+
+
+SHORT_TEMPLATES: tuple[str, ...] = ("the {colour} {shape}", "a {colour} {shape}")
+
+
+def short_query_accuracy(
+    encoder: Blip2Encoder,
+    records: Sequence[SceneRecord],
+    root: str,
+    k: int = 16,
+    templates: Sequence[str] = SHORT_TEMPLATES,
+) -> ShortQueryReport:
+    """Each (colour, shape) of the single-object gallery, in each template, as a text query: does the
+    top image have that colour and that shape? ITC alone and ITC top-k re-ranked by ``ITM + ITC``."""
+    items = [CaptionedImage(Path(root) / r.image, tuple(r.captions)) for r in records]
+    attrs = [(r.objects[0]["colour"], r.objects[0]["shape"]) for r in records]
+    combos = sorted(set(attrs))
+    texts = [t.format(colour=c, shape=s) for c, s in combos for t in templates]
+    wanted = [(c, s) for c, s in combos for _ in templates]
+    feats = encoder.vision_features(pixels_of(items, encoder))
+    itc = max_sim(encoder.embed_images(feats), encoder.embed_texts(texts)).T  # (texts, images)
+    depth = min(k, len(items))
+    top = np.argsort(-itc, axis=1, kind="stable")[:, :depth]
+    rows = np.repeat(np.arange(len(texts)), depth)
+    cols = top.reshape(-1)
+    logits = encoder.itm(
+        VisionFeatures(hidden=feats.hidden[torch.as_tensor(cols)]), [texts[r] for r in rows]
+    ).logits[:, 1]
+    fused = (logits + itc[rows, cols]).reshape(len(texts), depth)
+    best_itc = top[:, 0]
+    best_itm = top[np.arange(len(texts)), np.argmax(fused, axis=1)]
+    hit_itc = [attrs[j] == w for j, w in zip(best_itc, wanted, strict=True)]
+    hit_itm = [attrs[j] == w for j, w in zip(best_itm, wanted, strict=True)]
+    colour = [attrs[j][0] == w[0] for j, w in zip(best_itc, wanted, strict=True)]
+    return ShortQueryReport(
+        len(texts), float(np.mean(hit_itc)), float(np.mean(hit_itm)), float(np.mean(colour)), depth
+    )
+
+
+@dataclass
 class CaptionReport:
     accuracy: float  # share naming every object's colour and shape ("red circle")
     colour_accuracy: float  # share naming every object's colour

@@ -56,7 +56,14 @@ from blip2_embed.testing import (
     build_opt_tokenizer,
     tiny_configs,
 )
-from blip2_train.data import BatchSampler, CaptionDataset, CaptionedImage, load_captions, tokenize
+from blip2_train.data import (
+    BatchSampler,
+    CaptionDataset,
+    CaptionedImage,
+    load_captions,
+    tokenize,
+    tokenize_lm,
+)
 from blip2_train.objectives import Stage0, Stage1, Stage2
 from blip2_train.scenes import VOCABULARY
 
@@ -113,6 +120,9 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
+    # Share of stage-0/1 texts drawn from an image's queries (partial descriptions such as "the red
+    # circle") instead of its captions; such a text is a positive of every batch image it describes.
+    query_ratio: float = 0.0
     seed: int = 0
     # Machinery.
     device: str | None = None
@@ -137,7 +147,7 @@ def caption_words(items: Iterable[CaptionedImage], limit: int = 4000) -> list[st
     frequent words of the training captions, so common words are single tokens."""
     counts: Counter[str] = Counter()
     for item in items:
-        for caption in item.captions:
+        for caption in (*item.captions, *item.queries):
             counts.update(re.findall(r"[a-z]+", caption.lower()))
     frequent = [w for w, _ in counts.most_common(limit)]
     return sorted(set(BASE_WORDS) | set(VOCABULARY) | set(frequent))
@@ -271,7 +281,7 @@ class StageRun:
     text_len: int
     steps: int
     lr: float
-    add_eos: bool = False
+    lm_bos: int | None = None  # caption model: texts become [BOS] text [EOS] with this BOS
     batch_size: int | None = None  # default: the config's
 
 
@@ -339,10 +349,14 @@ class Trainer:
         for step in range(start, stop):
             indices, rng = sampler.batch(step)
             pixels = dataset.pixels(indices).to(self.device, non_blocking=True)
-            texts = dataset.sample_captions(indices, rng)
-            if run.add_eos:
-                texts = [t + run.tokenizer.eos_token for t in texts]
-            enc = {k: v.to(self.device) for k, v in tokenize(run.tokenizer, texts, run.text_len).items()}
+            ratio = cfg.query_ratio if run.stage in (0, 1) else 0.0
+            texts = dataset.sample_captions(indices, rng, ratio)
+            positive = dataset.positives(indices, texts).to(self.device) if ratio else None
+            if run.lm_bos is not None:
+                batch = tokenize_lm(run.tokenizer, texts, run.text_len, run.lm_bos)
+            else:
+                batch = tokenize(run.tokenizer, texts, run.text_len)
+            enc = {k: v.to(self.device) for k, v in batch.items()}
             with torch.autocast(
                 self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None
             ):
@@ -352,12 +366,20 @@ class Trainer:
                         enc["input_ids"],
                         enc["attention_mask"],
                         torch.as_tensor(indices, device=self.device),
+                        positive,
                     )
                     row = {"itc": loss.item(), "temp": module.temperature.item()}
                 elif isinstance(module, Stage1):
                     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
                     image_ids = torch.as_tensor(indices, device=self.device)
-                    out = module(pixels, enc["input_ids"], enc["attention_mask"], image_ids, generator=gen)
+                    out = module(
+                        pixels,
+                        enc["input_ids"],
+                        enc["attention_mask"],
+                        image_ids,
+                        generator=gen,
+                        positive=positive,
+                    )
                     loss = out.loss
                     row = {
                         "itc": out.itc.item(),
@@ -530,7 +552,16 @@ def train(cfg: TrainConfig) -> dict[str, list[dict[str, float]]]:
         _freeze(caption.vision_model.encoder)
         if not train_lm:
             _freeze(caption.language_model)
-        run2 = StageRun(2, Stage2(caption), caption, opt, 64, cfg.steps2, cfg.lr2, add_eos=True)
+        run2 = StageRun(
+            2,
+            Stage2(caption),
+            caption,
+            opt,
+            64,
+            cfg.steps2,
+            cfg.lr2,
+            lm_bos=caption.config.text_config.bos_token_id,
+        )
         results["stage2"] = trainer.run_stage(run2, dataset, resume if resume_stage == 2 else None)
         if not trainer.finished:
             return results

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from blip2_embed.encoder import Blip2Encoder
+from blip2_embed.testing import build_opt_tokenizer
+from blip2_train.data import tokenize, tokenize_lm
 from blip2_train.objectives import itg_attention_mask
 from blip2_train.scenes import generate_dataset
 from blip2_train.trainer import SHAPES, TrainConfig, latest_checkpoint, train, warmup_cosine
@@ -62,6 +65,20 @@ def test_itg_mask_queries_never_see_text() -> None:
         dtype=torch.bool,
     )
     assert torch.equal(allowed, expected)
+
+
+def test_caption_targets_start_with_bos_whatever_the_tokenizer(tmp_path: Path) -> None:
+    opt = build_opt_tokenizer()
+    texts = ["a red circle", "a tiny blue star in the top left corner"]
+    # OPT's tokenizer adds BOS: the targets are what it gives for "text</s>" (as before the helper).
+    old = tokenize(opt, [t + opt.eos_token for t in texts], 64)
+    got = tokenize_lm(opt, texts, 64, opt.bos_token_id)
+    assert torch.equal(got["input_ids"], old["input_ids"])
+    assert torch.equal(got["attention_mask"], old["attention_mask"])
+    opt.save_pretrained(tmp_path)
+    no_bos = AutoTokenizer.from_pretrained(tmp_path, add_bos_token=False)
+    assert no_bos(texts[0])["input_ids"][0] != opt.bos_token_id  # the premise
+    assert torch.equal(tokenize_lm(no_bos, texts, 64, opt.bos_token_id)["input_ids"], old["input_ids"])
 
 
 def test_schedule_warms_up_then_decays() -> None:
