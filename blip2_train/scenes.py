@@ -17,7 +17,7 @@ import itertools
 import json
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -338,6 +338,7 @@ def generate_dataset(
     image_format: str = "png",
     jitter: float = 0.25,
     queries: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> list[SceneRecord]:
     """Write ``n`` scenes to ``folder``: ``images/*.png``, ``captions.jsonl`` and ``karpathy.json``.
 
@@ -347,6 +348,7 @@ def generate_dataset(
     ``blip2_train.data.load_captions``, and the image folder is what the demo indexes. With
     ``queries`` each ``captions.jsonl`` line also has ``"queries"`` (``queries_for``): partial
     descriptions that retrieval training mixes into its texts (never into caption training).
+    ``progress("scenes", done, n)`` hears about every scene written.
     """
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -363,6 +365,8 @@ def generate_dataset(
                 queries=queries_for(scene) if queries else [],
             )
         )
+        if progress is not None:
+            progress("scenes", i + 1, n)
     with open(folder / "captions.jsonl", "w") as fh:
         for rec in records:
             row = asdict(rec)
