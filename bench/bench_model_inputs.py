@@ -3,7 +3,7 @@
 1. ``format``: photos decoded as the indexer decodes them and resized to S (224), then encoded with
    each lossless candidate: bytes per image, encode and decode ms on one pinned core (each image's
    fastest of ``--repeats``), and a check that the round trip is exact.
-2. ``deviation`` (with ``--model DIR`` holding ``retrieval/`` and ``caption/``, default models/demo):
+2. ``deviation`` (with ``--model DIR`` holding ``retrieval/`` and ``caption/``, default: the demo model):
    folders are indexed by the real indexer, then the ITM match logits and greedy captions of every
    image *by id* (search_api.service.image_store.ImageStore, what /api/rerank and /api/caption use) are
    compared with the model run on the original file (what an upload gets, and what plain transformers
@@ -46,6 +46,7 @@ from blip2_embed.images import (
     preprocess,
     sniff_format,
 )
+from blip2_search.demo_model import DEMO_MODEL_DIR
 from catalog.model_inputs import ModelInputStore, encode_model_input
 
 RESULTS = Path(__file__).parent / "results"
@@ -249,7 +250,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=0, help="photos to use (0: all, or 12 synthetic)")
     parser.add_argument("--size", type=int, default=224, help="model input size S for the format bench")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--model", type=Path, default=REPO / "models" / "demo")
+    parser.add_argument("--model", type=Path, default=DEMO_MODEL_DIR)
     parser.add_argument("--skip-deviation", action="store_true")
     parser.add_argument("--note", help="free text stored in the results (e.g. where the photos came from)")
     parser.add_argument("--tag", help="results file tag (default cpu-<hostname>)")

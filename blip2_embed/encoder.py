@@ -53,7 +53,7 @@ class VisionFeatures:
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
-    def __getitem__(self, index: slice) -> VisionFeatures:
+    def __getitem__(self, index: slice | torch.Tensor) -> VisionFeatures:
         return VisionFeatures(
             hidden=self.hidden[index],
             pixels=None if self.pixels is None else self.pixels[index],

@@ -186,13 +186,9 @@ def sqlite_file_missing(url: str) -> bool:
     if not url.startswith("sqlite"):
         return False
     database = make_url(url).database
-    if not database:
+    if not database or database == ":memory:" or database.startswith("file:"):
         return False
-    return (
-        database != ":memory:"
-        and not database.startswith("file:")
-        and not (Path(database).expanduser().is_file())
-    )
+    return not Path(database).expanduser().is_file()
 
 
 def check_not_damaged(url: str) -> None:

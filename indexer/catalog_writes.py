@@ -19,13 +19,6 @@ from catalog.models import FileStatus
 from indexer.diff import CatalogFile, Failure
 from indexer.scan import ScannedFile
 
-_CHUNK = 500
-
-
-def _chunks(items: Sequence, size: int = _CHUNK):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
 
 def catalog_view(session: Session, root_id: int) -> dict[str, CatalogFile]:
     """The diff's view of one root: relative path -> size, mtime, content hash, status."""

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,13 +35,14 @@ from catalog.thumbnails import ThumbnailStore
 from indexer import catalog_writes as writes
 from indexer.decode import DecodeConfig, Decoded, DecodeFailure
 from indexer.diff import CatalogFile, Failure, Plan, WorkItem, make_plan
-from indexer.pipeline import DecodePool, Timings, WriterThread, run_model
+from indexer.pipeline import DecodePool, ModelOutput, Timings, WriterThread, run_model
 from indexer.progress import ProgressSink
 from indexer.roots import RootScope, is_under, plan_roots
 from indexer.scan import ScannedFile, ScanProblem, scan_root
 from indexer.summary import FailedFile, RunSummary, ScanWarning
 
 if TYPE_CHECKING:
+    from blip2_embed.encoder import Blip2Encoder
     from blip2_search.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class IndexOptions:
     retry_failed: bool = False  # process known failures (unchanged files that failed before) again
 
     @classmethod
-    def from_settings(cls, settings: Settings, roots: list[Path], **flags: object) -> IndexOptions:
+    def from_settings(cls, settings: Settings, roots: list[Path], **flags: Any) -> IndexOptions:
         """The options ``settings`` give, with a run's own ``flags`` (caption, dry_run, ...) on top."""
         options = cls(
             roots=list(roots),
@@ -105,7 +106,7 @@ class Indexer:
     def __init__(
         self,
         sessions: sessionmaker[Session],
-        encoder,
+        encoder: Blip2Encoder,
         options: IndexOptions,
         *,
         progress: ProgressSink | None = None,
@@ -117,6 +118,8 @@ class Indexer:
         self.progress = progress or ProgressSink()
         self.stop = stop or threading.Event()
         self.timings = Timings()
+        if encoder.retrieval_key is None:
+            raise ValueError("indexing needs a retrieval model (set BLIP2_RETRIEVAL_MODEL)")
         self.model_key: str = encoder.retrieval_key
         self.caption_key: str | None = encoder.caption_key if options.caption else None
         if options.caption and self.caption_key is None:
@@ -140,7 +143,7 @@ class Indexer:
         summary = RunSummary(roots=[encode_path(r) for r in roots], dry_run=self.options.dry_run)
         with self.sessions() as session:
             scopes = self._scopes(session, roots, summary)
-            root_ids = {scope.root: scope.root_id for scope in scopes}
+            root_ids = {scope.root: scope.root_id for scope in scopes if scope.root_id is not None}
             plan = self._plan(session, scopes, summary)
             self._count(summary, plan)
             if self.options.dry_run:
@@ -167,6 +170,7 @@ class Indexer:
             self.progress.stage("before-publish", 1)
             repo.publish_generation(session, generation)
             session.commit()
+        summary.published = True
         summary.seconds = time.perf_counter() - started
         summary.timings = self.timings.as_dict()
         return summary
@@ -186,9 +190,11 @@ class Indexer:
         views: dict[Path, dict[str, CatalogFile]] = {}
         scanned: dict[Path, list[ScannedFile]] = {}
         for scope in scopes:
+            if scope.root_id is None:
+                raise AssertionError("_scopes gives every root an id")
             view = writes.catalog_view(session, scope.root_id)
 
-            def known(rel: str, size: int, mtime_ns: int, view=view) -> bool:
+            def known(rel: str, size: int, mtime_ns: int, view: dict[str, CatalogFile] = view) -> bool:
                 old = view.get(rel)
                 return (
                     old is not None
@@ -217,13 +223,14 @@ class Indexer:
                 for rel, row in view.items()
                 if scope.covers(rel) and not any(is_under(rel, u) for u in unseen)
             }
+        caption_key = self.caption_key
         return make_plan(
             scanned,
             views,
             embedded=lambda hashes: writes.embedded_hashes(session, hashes, self.model_key),
             captioned=(
-                (lambda hashes: writes.captioned_hashes(session, hashes, self.caption_key, self._prompt))
-                if self.caption_key
+                (lambda hashes: writes.captioned_hashes(session, hashes, caption_key, self._prompt))
+                if caption_key
                 else None
             ),
             hasher=sha256_file,
@@ -289,7 +296,7 @@ class Indexer:
             batch, failures = [], []
 
         try:
-            with DecodePool(config, workers) as pool:
+            with DecodePool[WorkItem](config, workers) as pool:
                 results = pool.imap(work, lambda w: str(w.path))
                 while True:
                     t0 = time.perf_counter()
@@ -334,10 +341,8 @@ class Indexer:
             encode_model_input=self.model_inputs is not None,
         )
 
-    def _model(self, batch: list[tuple[WorkItem, Decoded]]):
+    def _model(self, batch: list[tuple[WorkItem, Decoded]]) -> ModelOutput:
         if not batch:
-            from indexer.pipeline import ModelOutput
-
             return ModelOutput([], [])
         t0 = time.perf_counter()
         pixels = normalise(np.stack([d.model_input for _, d in batch]), self.encoder.spec)
@@ -373,7 +378,7 @@ class Indexer:
                 if emb is not None:
                     vec_ids.append(image_id)
                     vecs.append(emb)
-                if cap is not None:
+                if cap is not None and self.caption_key is not None:
                     repo.store_caption(session, image_id, self.caption_key, cap, self._prompt)
                 updates += [(f, writes.update(f, image_id, FileStatus.INDEXED)) for f in item.files]
             if vec_ids:

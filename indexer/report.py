@@ -1,8 +1,10 @@
-"""How the CLI shows an indexing run: a Rich bar on a terminal, plain periodic lines elsewhere, and the
-final summary."""
+"""How the CLI shows an indexing run: a Rich bar on a terminal, plain periodic lines elsewhere, the
+final summary, and the lines of ``index --watch``."""
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from typing import TextIO
 
@@ -23,6 +25,7 @@ from rich.text import Text
 
 from indexer.progress import ProgressSink
 from indexer.summary import RunSummary
+from indexer.watch import WatchSummary
 
 
 class RateColumn(ProgressColumn):
@@ -132,7 +135,7 @@ def render_summary(console: Console, summary: RunSummary, max_failures: int = 50
     table = Table(title=title, show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
-    rows = [
+    rows: list[tuple[str, object]] = [
         ("new", summary.new),
         ("changed", summary.changed),
         ("unchanged", summary.unchanged),
@@ -170,3 +173,48 @@ def render_summary(console: Console, summary: RunSummary, max_failures: int = 50
         [(w.path, w.reason) for w in summary.warnings],
         max_failures,
     )
+
+
+def report_watch_run(console: Console, summary: RunSummary, initial: bool, as_json: bool) -> None:
+    """The initial run of ``--watch`` as a full summary, each batch after it as one line (``--json``:
+    one JSON object per run on stdout)."""
+    if as_json:
+        sys.stdout.write(json.dumps(summary.as_dict()) + "\n")
+        sys.stdout.flush()
+        return
+    if initial:
+        render_summary(console, summary)
+        return
+    what = f"generation {summary.generation}" if summary.published else "no change"
+    fresh = [f for f in summary.failures if not f.known]
+    console.print(
+        f"{what}: new {summary.new}  changed {summary.changed}  moved {summary.moved}  "
+        f"deleted {summary.deleted}  failed {len(fresh)}  ({summary.seconds:.1f} s)",
+        markup=False,
+        highlight=False,
+    )
+    for f in fresh:
+        console.print(f"  failed: {f.path}: {f.reason}", markup=False, highlight=False)
+
+
+def render_watch_summary(console: Console, watched: WatchSummary) -> None:
+    table = Table(title="watch stopped", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    generations = watched.generations
+    rows = [
+        ("batches", watched.batches),
+        ("generations published", len(generations)),
+        ("last generation", generations[-1] if generations else "-"),
+        ("new", watched.new),
+        ("changed", watched.changed),
+        ("moved", watched.moved),
+        ("deleted", watched.deleted),
+        ("failed", watched.failed),
+        ("embedded", watched.embedded),
+        ("captioned", watched.captioned),
+        ("seconds", f"{watched.seconds:.1f}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    console.print(table)

@@ -73,7 +73,7 @@ def run_index(
             return summary
         if target.vector_index_dir is not None:
             # Also after an interrupted run: what it committed was published.
-            catch_up_index(engine, encoder.retrieval_key, target.vector_index_dir, target.vector_index)
+            catch_up_index(engine, indexer.model_key, target.vector_index_dir, target.vector_index)
         if not summary.interrupted:
             summary.model_inputs_backfilled = backfill_model_inputs(indexer, summary)
         return summary

@@ -43,6 +43,7 @@ class RunSummary:
     dry_run: bool = False
     interrupted: bool = False
     generation: int | None = None
+    published: bool = False  # this run published ``generation`` (False: nothing changed, or a dry run)
     new: int = 0
     changed: int = 0
     unchanged: int = 0

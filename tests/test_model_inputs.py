@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from blip2_embed.images import ImageSpec, decode_model_input, load_image, resize_for_model
+from blip2_search.demo_model import DEMO_MODEL_DIR
 from blip2_search.settings import Settings
 from catalog import repository as repo
 from catalog.model_inputs import ModelInputStore, encode_model_input, spec_key
@@ -150,7 +151,7 @@ def measure(client: TestClient, encoder, paths: list[Path]) -> Deviation:
     )
 
 
-DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
+DEMO = DEMO_MODEL_DIR
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,6 @@ def model(request: pytest.FixtureRequest, tiny_checkpoints, encoder) -> tuple[Ch
     model's do; the tiny one's barely move)."""
     if request.param == "tiny":
         return Checkpoints(tiny_checkpoints.retrieval, tiny_checkpoints.caption), encoder
-    if not (DEMO / "retrieval" / "config.json").is_file():
-        pytest.skip("the demo model is not in models/demo")
     from blip2_embed.encoder import Blip2Encoder
 
     demo = Checkpoints(DEMO / "retrieval", DEMO / "caption")

@@ -195,7 +195,7 @@ def _high_depth_to_l(image: Image.Image) -> Image.Image:
         out = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
     elif image.mode == "I":
         # Pillow uses "I" for 16-bit PNG/TIFF/PPM data; anything outside 0..65535 is not, so stretch it.
-        lo, hi = int(arr.min()), int(arr.max())
+        lo, hi = float(arr.min()), float(arr.max())  # integers, exactly (int32 fits a float64)
         if lo >= 0 and hi <= 65535:
             out = ((arr.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
         else:
@@ -249,7 +249,8 @@ def _parse_exif_datetime(value: Any, offset: Any = None, subsec: Any = None) -> 
     if not match:
         return None
     try:
-        moment = datetime(*(int(g) for g in match.groups()))  # "0000:00:00 00:00:00" raises here
+        year, month, day, hour, minute, second = (int(g) for g in match.groups())
+        moment = datetime(year, month, day, hour, minute, second)  # "0000:00:00 00:00:00" raises here
     except ValueError:
         return None
     sub = _clean_text(subsec)

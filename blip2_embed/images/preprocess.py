@@ -74,7 +74,7 @@ class ImageSpec:
             candidates = [path / "processor_config.json", path / "preprocessor_config.json"]
             files = [p for p in candidates if p.is_file()]
         else:
-            files = _hub_config_files(str(source))
+            files = [Path(f) for f in _hub_config_files(str(source))]
         for file in files:
             config = json.loads(Path(file).read_text(encoding="utf-8"))
             nested = isinstance(config.get("image_processor"), Mapping)
@@ -133,7 +133,7 @@ ImageSpec.DEFAULT = ImageSpec()
 
 def _hub_config_files(repo_id: str) -> list[str]:
     # transformers is imported only here: worker processes that never resolve hub ids stay light.
-    from transformers.utils import cached_file
+    from transformers.utils.hub import cached_file
 
     found = []
     for name in ("processor_config.json", "preprocessor_config.json"):
@@ -235,4 +235,5 @@ def decode_for_model(
 ) -> np.ndarray:
     """Path/bytes/stream -> float32 ``(3, S, S)`` pixels: ``decode_model_input`` then ``normalise``."""
     inputs = decode_model_input(source, spec, fast_jpeg=fast_jpeg, max_pixels=max_pixels)
-    return normalise(inputs[None], spec)[0]
+    pixels: np.ndarray = normalise(inputs[None], spec)[0]
+    return pixels

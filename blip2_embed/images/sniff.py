@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
+from typing import Literal
 
 from PIL import Image, features
 
@@ -148,7 +149,7 @@ def looks_truncated(data: bytes, fmt: str | None) -> bool:
         return n < 12 or int.from_bytes(data[4:8], "little") + 8 > n
     if fmt == "tiff":
         # the first IFD must lie inside the file (classic TIFF: 4-byte offset at byte 4)
-        order = "little" if data[:2] == b"II" else "big"
+        order: Literal["little", "big"] = "little" if data[:2] == b"II" else "big"
         return n < 8 or (data[2:4] in (b"*\x00", b"\x00*") and int.from_bytes(data[4:8], order) + 2 > n)
     if fmt == "bmp":
         return n < 26 or int.from_bytes(data[2:6], "little") > n

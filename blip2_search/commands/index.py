@@ -7,13 +7,18 @@ import logging
 import signal
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from blip2_search.commands.common import DatabaseUrlOption, fail, load_encoder, settings_from
 from blip2_search.failures import EXIT_FATAL, EXIT_USAGE, explain
+
+if TYPE_CHECKING:
+    from blip2_search.settings import Settings
+    from indexer.run import IndexOptions
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,18 @@ def index(
             "or raising max_image_pixels).",
         ),
     ] = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="After indexing, keep watching the folders and index changes in batches (one generation "
+            "each) until Ctrl-C, which exits 0.",
+        ),
+    ] = False,
+    debounce: Annotated[
+        float,
+        typer.Option(min=0.05, max=3600, help="--watch: seconds without changes before a batch runs."),
+    ] = 2.0,
 ) -> None:
     """Index photo folders: new and changed photos are embedded, moved ones keep their embedding,
     deleted ones leave the index. Safe to interrupt; the next run continues.
@@ -60,8 +77,15 @@ def index(
 
     from catalog.paths import encode_path
     from indexer.progress import FanOut, ProgressSink
-    from indexer.report import PlainProgress, RichProgress, render_summary
-    from indexer.run import IndexOptions, IndexTarget, run_index
+    from indexer.report import (
+        PlainProgress,
+        RichProgress,
+        render_summary,
+        render_watch_summary,
+        report_watch_run,
+    )
+    from indexer.run import IndexOptions, IndexTarget, RunSummary, run_index
+    from indexer.watch import WatchOptions, watch_and_index
 
     settings = settings_from(
         database_url=database_url,
@@ -75,6 +99,8 @@ def index(
     for p in paths:
         if not p.is_dir():
             fail(f"not a folder: {encode_path(p)}", EXIT_USAGE)
+    if watch and dry_run:
+        fail("--watch and --dry-run do not go together", EXIT_USAGE)
 
     encoder = load_encoder(settings, caption=caption)  # exits 3 when a model is missing
     options = IndexOptions.from_settings(
@@ -99,22 +125,55 @@ def index(
         if stop.is_set():
             raise KeyboardInterrupt  # a second Ctrl-C: stop now (committed batches are still safe)
         stop.set()
-        console.print("[yellow]stopping after the current batch (Ctrl-C again to abort)[/]")
+        what = "stopping" if watch else "stopping after the current batch"
+        console.print(f"[yellow]{what} (Ctrl-C again to abort)[/]")
 
     previous = signal.signal(signal.SIGINT, on_sigint)
+    target = IndexTarget.from_settings(settings)
+
+    def run(folders: list[Path]) -> RunSummary:
+        return run_index(target, encoder, replace(options, roots=folders), progress=progress, stop=stop)
+
     try:
-        summary = run_index(
-            IndexTarget.from_settings(settings), encoder, options, progress=progress, stop=stop
-        )
+        if watch:
+            watched = watch_and_index(
+                list(paths),
+                run,
+                WatchOptions(quiet_seconds=debounce, ignore=_own_folders(settings, options)),
+                stop=stop,
+                on_run=lambda s, initial: report_watch_run(console, s, initial, as_json),
+                on_watching=lambda: console.print(f"watching {len(paths)} folder(s); Ctrl-C stops"),
+            )
+        else:
+            summary = run(list(paths))
+    except typer.Exit:
+        raise
     except Exception as exc:
         log.debug("fatal", exc_info=True)
         fail(f"indexing failed: {explain(exc)[0]}", EXIT_FATAL)
     finally:
         signal.signal(signal.SIGINT, previous)
 
+    if watch:
+        if as_json:
+            sys.stdout.write(json.dumps(watched.as_dict()) + "\n")
+        else:
+            render_watch_summary(Console(), watched)
+        return  # Ctrl-C is how a watch ends: exit 0
     if as_json:
         sys.stdout.write(json.dumps(summary.as_dict()) + "\n")
     else:
         render_summary(Console(), summary)
     if summary.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _own_folders(settings: Settings, options: IndexOptions) -> list[Path]:
+    """What the indexer writes (a watch must not wake up on its own output)."""
+    own = [
+        settings.data_dir,
+        settings.resolved_vector_index_dir,
+        options.thumbnail_dir,
+        options.model_input_dir,
+    ]
+    return [p for p in own if p is not None]

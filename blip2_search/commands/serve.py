@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import typer
@@ -15,7 +16,9 @@ def serve(
         int | None, typer.Option(min=0, max=65535, help="Port (default: settings api_port).")
     ] = None,
     database_url: DatabaseUrlOption = None,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    log_level: Annotated[
+        str | None, typer.Option(help="uvicorn log level (default: info with --verbose, else warning).")
+    ] = None,
 ) -> None:
     """Serve the search API and the web page (uvicorn, one process: the models load once)."""
     from blip2_search.failures import check_port_free
@@ -33,4 +36,8 @@ def serve(
     app = create_app(settings, encoder=load_encoder(settings))
     # One worker process: the model worker thread owns the accelerator; more processes would each load
     # the models. Concurrency comes from the event loop plus request batching.
+    if log_level is None:  # uvicorn's INFO lines, like ours, only with --verbose
+        log_level = "info" if logging.getLogger().isEnabledFor(logging.INFO) else "warning"
+    if settings.api_port:
+        typer.echo(f"serving on http://{settings.api_host}:{settings.api_port}/  (Ctrl-C stops it)", err=True)
     uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level=log_level, access_log=False)
