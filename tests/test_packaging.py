@@ -56,7 +56,7 @@ def test_wheel_holds_the_demo_model_the_page_and_the_migrations(wheel: Path) -> 
     }
     assert {f"blip2_search/demo_model/{r}/config.json" for r in ("retrieval", "caption")} <= shipped
     assert shipped <= names, f"missing from the wheel: {sorted(shipped - names)}"
-    assert "search_api/static/index.html" in names
+    assert "search_api/http/static/index.html" in names
     assert any(n.startswith("migrations/versions/") and n.endswith(".py") for n in names)
 
 
