@@ -75,6 +75,10 @@ def train(
     init_caption: Annotated[
         str | None, typer.Option(help="Fine-tune this caption checkpoint (ViT and LM frozen) instead.")
     ] = None,
+    queries_from_caption: Annotated[
+        str | None,
+        typer.Option(help="Stage 1: start the Q-Former's query path from this caption checkpoint's."),
+    ] = None,
     train_lm: Annotated[
         bool | None,
         typer.Option("--train-lm/--freeze-lm", help="Default: train a new LM, freeze a loaded one."),
@@ -130,6 +134,7 @@ def train(
         shape=model_shape,
         init_retrieval=init_retrieval,
         init_caption=init_caption,
+        queries_from_caption=queries_from_caption,
         train_lm=train_lm,
         steps0=steps0,
         steps1=steps1,
