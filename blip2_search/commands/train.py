@@ -1,4 +1,4 @@
-"""Subcommands of ``blip2-search`` owned by this package: ``scenes``, ``train`` and ``eval retrieval``.
+"""``blip2-search scenes``, ``train`` and ``eval retrieval``: the training package's commands.
 
 Heavy imports (torch, transformers) happen inside the commands so ``--help`` stays instant.
 """
@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from blip2_search.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +188,11 @@ def eval_retrieval(
 ) -> None:
     """Image-text retrieval R@1/5/10, both directions: ITC alone and ITC top-k re-ranked by ITM."""
     from blip2_embed.encoder import Blip2Encoder
-    from blip2_search.settings import get_settings
     from blip2_train.data import load_captions
     from blip2_train.evaluate import evaluate_retrieval
     from blip2_train.progress import console_progress
 
-    settings = get_settings()
+    settings = get_settings()  # BLIP2_RETRIEVAL_MODEL, BLIP2_DEVICE, ... like every other command
     items = load_captions(data, image_root, split)
     if limit:
         items = items[:limit]
