@@ -65,7 +65,8 @@ def test_wheel_holds_the_demo_model_and_all_package_data(wheel: Path) -> None:
         wanted = {p.relative_to(REPO).as_posix() for g in globs for p in folder.glob(g) if p.is_file()}
         assert wanted, f"package-data {package} {globs} names no file"
         assert wanted <= names, f"missing from the wheel: {sorted(wanted - names)}"
-    assert any(n.endswith("/static/index.html") for n in names)
+    assert "search_api/http/static/index.html" in names
+    assert any(n.startswith("migrations/versions/") and n.endswith(".py") for n in names)
 
 
 @pytest.mark.slow
