@@ -2,9 +2,9 @@
 
     python bench/eval_demo_model.py MODEL_DIR [--seeds 9001 9002 9003] [--n 300] [--k 16] [--json OUT]
 
-MODEL_DIR holds retrieval/ and caption/ (models/demo). Per seed: short colour + shape queries' top-1
-(ITC, and ITC + ITM the way the search API re-ranks), full-caption R@1 both ways (ITC, ITC + ITM),
-and the share of greedy captions naming colour and shape.
+MODEL_DIR holds retrieval/ and caption/ (the shipped pair: blip2_search/demo_model). Per seed: short
+colour + shape queries' top-1 (ITC, and ITC + ITM the way the search API re-ranks), full-caption R@1
+both ways (ITC, ITC + ITM), and the share of greedy captions naming colour and shape.
 """
 
 from __future__ import annotations

@@ -50,16 +50,21 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
-def test_wheel_holds_the_demo_model_the_page_and_the_migrations(wheel: Path) -> None:
+def test_wheel_holds_the_demo_model_and_all_package_data(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
-    model = REPO / "blip2_search" / "demo_model"
-    shipped = {
-        p.relative_to(REPO).as_posix()
-        for p in model.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts
+    model = {
+        f"blip2_search/demo_model/{r}/{f}"
+        for r in ("retrieval", "caption")
+        for f in ("config.json", "model.safetensors")
     }
-    assert {f"blip2_search/demo_model/{r}/config.json" for r in ("retrieval", "caption")} <= shipped
-    assert shipped <= names, f"missing from the wheel: {sorted(shipped - names)}"
+    assert model <= names, f"missing from the wheel: {sorted(model - names)}"
+    # Every file pyproject's package-data names (the web page, migrations, the model) is in the wheel.
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for package, globs in package_data.items():
+        folder = REPO / package.replace(".", "/")
+        wanted = {p.relative_to(REPO).as_posix() for g in globs for p in folder.glob(g) if p.is_file()}
+        assert wanted, f"package-data {package} {globs} names no file"
+        assert wanted <= names, f"missing from the wheel: {sorted(wanted - names)}"
     assert "search_api/http/static/index.html" in names
     assert any(n.startswith("migrations/versions/") and n.endswith(".py") for n in names)
 
