@@ -47,6 +47,15 @@ def index(
             "or raising max_image_pixels).",
         ),
     ] = False,
+    engine_name: Annotated[
+        str, typer.Option("--engine", help="Where decoding and the model run: local (this process) or ray.")
+    ] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(help="--engine ray: join this cluster (default: start a local Ray).")
+    ] = None,
+    encoders: Annotated[
+        int | None, typer.Option(min=1, help="--engine ray: encoder actors (default: from the cluster).")
+    ] = None,
 ) -> None:
     """Index photo folders: new and changed photos are embedded, moved ones keep their embedding,
     deleted ones leave the index. Safe to interrupt; the next run continues."""
@@ -73,6 +82,9 @@ def index(
             typer.secho(f"not a folder: {encode_path(p)}", fg=typer.colors.RED, err=True)
             raise typer.Exit(EXIT_USAGE)
 
+    if engine_name not in ("local", "ray"):
+        typer.secho(f"--engine is local or ray, not {engine_name!r}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_USAGE)
     encoder = load_encoder(settings, caption=caption)  # exits 3 when a model is missing
     options = IndexOptions(
         roots=list(paths),
@@ -110,6 +122,11 @@ def index(
         engine = make_engine(url)
         sessions = session_factory(engine)
         progress = None if as_json else RichProgress(console)
+        model_engine = None
+        if engine_name == "ray" and not dry_run:
+            from indexer.ray_engine import make_engine as make_ray_engine
+
+            model_engine = make_ray_engine(settings, caption=caption, address=ray_address, encoders=encoders)
         summary = run_index(
             sessions,
             encoder,
@@ -119,6 +136,7 @@ def index(
             after_publish=lambda s: catch_up_index(
                 engine, encoder.retrieval_key, settings.resolved_vector_index_dir, settings
             ),
+            engine=model_engine,
         )
     except typer.Exit:
         raise

@@ -1,0 +1,135 @@
+"""``index --engine ray`` on a local Ray: the same catalog as the local indexer, through faults.
+
+One Ray and one reference catalog serve all tests (tests/conftest_ray.py). The fault tests stop a
+decode task or an encoder actor through the cluster-side test pause, kill its process by the pid it
+wrote, and check Ray's retry/restart leaves nothing lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from indexer.run import TEST_PAUSE_ENV
+from tests.conftest_ray import RAY_BATCH, RAY_IMAGES, index_into, ray_engine
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _wait_for(marker: Path, seconds: float = 120) -> int:
+    deadline = time.monotonic() + seconds
+    while not marker.exists() or not marker.read_text().strip():
+        assert time.monotonic() < deadline, f"{marker} never appeared"
+        time.sleep(0.05)
+    return int(marker.read_text())
+
+
+def test_ray_catalog_equals_the_local_indexers(ray_local, ray_library, encoder, tiny_checkpoints, tmp_path):
+    summary, state = index_into(tmp_path / "ray", ray_library.root, encoder, ray_engine(tiny_checkpoints))
+    ref = ray_library.state
+    assert summary.embedded == summary.captioned == RAY_IMAGES and summary.failed == 1
+    assert state.files == ref.files  # statuses, hashes, failure reasons; the duplicate shares its image
+    assert state.embedded == ref.embedded  # the same vectors, bit for bit (CPU)
+    assert state.captions == ref.captions
+    assert state.live == state.index == set(ref.embedded)
+    assert state.published_generation == state.index_generation == ref.published_generation
+    for sub in ("thumbnails", "model_inputs"):
+        ours = sorted(p.relative_to(tmp_path / "ray" / sub) for p in (tmp_path / "ray" / sub).rglob("*.*"))
+        theirs = sorted(p.relative_to(ray_library.reference / sub) for p in (ray_library.reference / sub).rglob("*.*"))
+        assert ours == theirs and ours, sub
+
+
+@pytest.mark.parametrize("stage", ["decode", "encode"])
+def test_a_killed_decode_worker_or_encoder_actor_loses_nothing(
+    stage, ray_local, ray_library, encoder, tiny_checkpoints, tmp_path, monkeypatch
+):
+    marker = tmp_path / "paused"
+    # Item 5 is in the second batch: the first batch is through the pipeline by then.
+    monkeypatch.setenv(TEST_PAUSE_ENV, f"{stage}:5:60:{marker}")
+    import threading
+
+    killed: list[int] = []
+
+    def killer() -> None:
+        pid = _wait_for(marker)
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary, state = index_into(tmp_path / "ray", ray_library.root, encoder, ray_engine(tiny_checkpoints))
+    thread.join(5)
+    assert killed and killed[0] != os.getpid()
+    ref = ray_library.state
+    assert summary.embedded == RAY_IMAGES  # each image once: the retried batch is not committed twice
+    assert (state.files, state.embedded, state.captions) == (ref.files, ref.embedded, ref.captions)
+
+
+def test_a_killed_driver_resumes_like_the_local_indexer(
+    ray_local, ray_library, encoder, tiny_checkpoints, tmp_path
+):
+    """The CLI joins the test's cluster (``--ray-address``), is SIGKILLed after its first commit, and a
+    second run continues the open generation to the reference end state."""
+    data = tmp_path / "data"
+    marker = tmp_path / "paused"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLIP2_")}
+    env.update(
+        BLIP2_DATA_DIR=str(data),
+        BLIP2_RETRIEVAL_MODEL=str(tiny_checkpoints.retrieval),
+        BLIP2_CAPTION_MODEL=str(tiny_checkpoints.caption),
+        BLIP2_DEVICE="cpu",
+        BLIP2_BATCH_SIZE=str(RAY_BATCH),
+        BLIP2_THUMBNAIL_SIZE="32",
+        HF_HUB_OFFLINE="1",
+        RAY_AUTH_MODE="disabled",
+        PYTHONPATH=str(REPO),
+        **{TEST_PAUSE_ENV: f"committed:1:600:{marker}"},
+    )
+    address = ray_local.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "blip2_search.cli", "index", str(ray_library.root), "--caption", "--json"]
+    proc = subprocess.Popen(
+        [*cmd, "--engine", "ray", "--ray-address", address],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the run never committed its first batch"
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    env.pop(TEST_PAUSE_ENV)
+    done = subprocess.run(
+        [*cmd, "--engine", "ray", "--ray-address", address],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["embedded"] == RAY_IMAGES - RAY_BATCH  # only what the killed run had not committed
+    from catalog.db import make_engine
+    from tests.test_indexer_support import dump
+
+    sql = make_engine(f"sqlite:///{data / 'catalog.db'}")
+    try:
+        state = dump(sql, encoder.retrieval_key, data / "index")
+    finally:
+        sql.dispose()
+    ref = ray_library.state
+    assert (state.files, state.embedded, state.captions) == (ref.files, ref.embedded, ref.captions)
+    assert state.published_generation == state.open_generation == state.index_generation
