@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 class RayEngineError(RuntimeError):
     """A cluster problem the CLI reports in one line (exit 1)."""
 
@@ -179,7 +180,9 @@ class EncoderActor:
             dtype=recipe.dtype,
             batch_size=recipe.batch_size,
         )
-        if self.encoder.retrieval_key != model_key or (caption_key and self.encoder.caption_key != caption_key):
+        if self.encoder.retrieval_key != model_key or (
+            caption_key and self.encoder.caption_key != caption_key
+        ):
             # Another checkpoint on this node would mix two models' vectors in one catalog.
             raise RayEngineError(
                 f"the encoder on node {os.uname().nodename} loaded other weights than the driver "

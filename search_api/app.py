@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,15 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
-def create_app(settings: Settings, *, encoder: Blip2Encoder | None = None) -> FastAPI:
-    """Build the app. ``encoder`` skips loading checkpoints (tests share one across apps)."""
+def create_app(
+    settings: Settings,
+    *,
+    encoder: Blip2Encoder | None = None,
+    make_worker: Callable[[Blip2Encoder, Metrics], Any] | None = None,
+    make_watcher: Callable[[CatalogView, str, Callable[[Any], None]], IndexWatcher] | None = None,
+) -> FastAPI:
+    """Build the app. ``encoder`` skips loading checkpoints (tests share one across apps);
+    ``make_worker`` / ``make_watcher`` put the models and the index elsewhere (``search_api.scaleout``)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -53,8 +60,11 @@ def create_app(settings: Settings, *, encoder: Blip2Encoder | None = None) -> Fa
                 dtype=settings.dtype,
                 batch_size=settings.batch_size,
             )
-        worker = InferenceWorker(enc, max_batch=settings.inference_max_batch, on_batch=metrics.on_batch)
-        worker.start()
+        if make_worker is not None:
+            worker = await asyncio.to_thread(make_worker, enc, metrics)
+        else:
+            worker = InferenceWorker(enc, max_batch=settings.inference_max_batch, on_batch=metrics.on_batch)
+        await asyncio.to_thread(worker.start)
         view = CatalogView(settings.resolved_database_url)
 
         def on_change(handle: Any) -> None:
@@ -62,14 +72,17 @@ def create_app(settings: Settings, *, encoder: Blip2Encoder | None = None) -> Fa
             metrics.index_images.set(len(handle))
 
         key = enc.retrieval_key or ""
-        watcher = IndexWatcher(
-            view,
-            key,
-            index_path(settings.resolved_vector_index_dir, key),
-            IndexOptions.from_settings(settings),
-            poll_seconds=settings.index_poll_seconds,
-            on_change=on_change,
-        )
+        if make_watcher is not None:
+            watcher = await asyncio.to_thread(make_watcher, view, key, on_change)
+        else:
+            watcher = IndexWatcher(
+                view,
+                key,
+                index_path(settings.resolved_vector_index_dir, key),
+                IndexOptions.from_settings(settings),
+                poll_seconds=settings.index_poll_seconds,
+                on_change=on_change,
+            )
         await watcher.start()
         media = Media.from_settings(view, enc.spec, settings)
         app.state.blip2 = AppState(
