@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TypedDict
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +42,16 @@ def normalise_database_url(url: str) -> str:
             f"the catalog runs on SQLite or Postgres, not {parsed.get_backend_name()!r} ({parsed.drivername}://...)"
         )
     return text
+
+
+class EncoderOptions(TypedDict):
+    """The keyword arguments of ``blip2_embed.encoder.Blip2Encoder.from_pretrained`` these settings give."""
+
+    retrieval: str | None
+    caption: str | None
+    device: str | None
+    dtype: str | None
+    batch_size: int
 
 
 class Settings(BaseSettings):
@@ -159,6 +170,25 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'catalog.db').resolve()}"
+
+    def with_overrides(self, **flags: object) -> Settings:
+        """These settings with command-line flags on top; a flag left as None keeps the env/default.
+
+        Validated like the environment's values (a ``--database-url postgres://...`` is normalised too).
+        """
+        changes = {k: v for k, v in flags.items() if v is not None}
+        return type(self).model_validate(self.model_dump() | changes) if changes else self
+
+    def encoder_options(self, *, retrieval: bool = True, caption: bool = True) -> EncoderOptions:
+        """What loads the encoder: ``Blip2Encoder.from_pretrained(**settings.encoder_options())``;
+        ``retrieval=False`` / ``caption=False`` skip a model."""
+        return EncoderOptions(
+            retrieval=self.retrieval_model if retrieval else None,
+            caption=(self.caption_model or None) if caption else None,
+            device=self.device,
+            dtype=self.dtype,
+            batch_size=self.batch_size,
+        )
 
 
 @lru_cache

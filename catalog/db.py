@@ -189,9 +189,10 @@ def sqlite_file_missing(url: str) -> bool:
     if not url.startswith("sqlite"):
         return False
     database = make_url(url).database
+    if not database:
+        return False
     return (
-        bool(database)
-        and database != ":memory:"
+        database != ":memory:"
         and not database.startswith("file:")
         and not (Path(database).expanduser().is_file())
     )

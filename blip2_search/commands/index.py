@@ -1,4 +1,4 @@
-"""Subcommands of ``blip2-search`` owned by this package: ``index``."""
+"""``blip2-search index PATH...``: index photo folders into the catalog."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Annotated, TextIO
 
 import typer
+
+from blip2_search.commands.common import DatabaseUrlOption, load_encoder, settings_from
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ def index(
     ] = None,
     thumbnail_dir: Annotated[Path | None, typer.Option(help="Thumbnail folder.")] = None,
     thumbnail_size: Annotated[int | None, typer.Option(min=0, help="Thumbnail longer side; 0: none.")] = None,
-    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: settings).")] = None,
+    database_url: DatabaseUrlOption = None,
     retry_failed: Annotated[
         bool,
         typer.Option(
@@ -61,14 +63,13 @@ def index(
     deleted ones leave the index. Safe to interrupt; the next run continues."""
     from rich.console import Console
 
-    from blip2_search.cli import load_encoder, settings_with
     from catalog.db import make_engine, session_factory, upgrade
     from catalog.paths import encode_path
     from indexer.index_sync import catch_up_index
     from indexer.report import RichProgress, render_summary
     from indexer.run import IndexOptions, default_workers, run_index
 
-    settings = settings_with(
+    settings = settings_from(
         database_url=database_url,
         batch_size=batch_size,
         index_workers=workers,
@@ -174,8 +175,3 @@ def _hold_writer_lock(path: Path) -> TextIO:
         )
         raise typer.Exit(EXIT_FATAL) from None
     return fh
-
-
-def register(app: typer.Typer) -> None:
-    """Add this package's commands to the ``blip2-search`` app."""
-    app.command("index")(index)

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODEL = REPO_ROOT / "models" / "demo"
 
 
@@ -67,14 +67,10 @@ def demo(
     else:
         typer.echo(f"using the demo photos already in {photo_dir}")
 
-    from indexer.cli import index
-    from search_api.cli import serve as serve_api
+    from blip2_search.commands.index import index
+    from blip2_search.commands.serve import serve as serve_api
 
     index([photo_dir / "images"], caption=True)
     if serve:
         typer.echo(f"serving the demo at http://{host}:{port}/  (Ctrl-C stops it)")
         serve_api(host=host, port=port)
-
-
-def register(app: typer.Typer) -> None:
-    app.command("demo")(demo)
