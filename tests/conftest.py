@@ -71,4 +71,3 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         if c.get("skipped"):
             line += " -- " + "; ".join(sorted(reasons.get(label, ())))
         terminalreporter.write_line(line)
-

@@ -16,6 +16,14 @@ def serve(
     ] = None,
     database_url: DatabaseUrlOption = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    engine_name: Annotated[
+        str, typer.Option("--engine", help="local (one process) or ray (sharded index, model replicas).")
+    ] = "local",
+    shards: Annotated[int, typer.Option(min=1, help="--engine ray: index shards.")] = 2,
+    model_replicas: Annotated[int, typer.Option(min=1, help="--engine ray: model replica actors.")] = 1,
+    ray_address: Annotated[
+        str | None, typer.Option(help="--engine ray: join this cluster (default: start a local Ray).")
+    ] = None,
 ) -> None:
     """Serve the search API and the web page (uvicorn, one process: the models load once)."""
     from blip2_search.failures import check_port_free
@@ -30,7 +38,19 @@ def serve(
 
     from search_api.app import create_app
 
-    app = create_app(settings, encoder=load_encoder(settings))
+    if engine_name not in ("local", "ray"):
+        typer.secho(f"--engine is local or ray, not {engine_name!r}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    if engine_name == "ray":
+        from indexer.ray_engine import connect
+        from search_api.scaleout.assembly import create_sharded_app
+
+        connect(ray_address)  # a refused token or an unreachable cluster: one line (exit 1)
+        app = create_sharded_app(
+            settings, shards=shards, encoder=load_encoder(settings), model_replicas=model_replicas
+        )
+    else:
+        app = create_app(settings, encoder=load_encoder(settings))
     # One worker process: the model worker thread owns the accelerator; more processes would each load
     # the models. Concurrency comes from the event loop plus request batching.
     uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level=log_level, access_log=False)

@@ -67,7 +67,7 @@ class RayModels:
         actor = ray.remote(ModelReplica).options(
             max_restarts=-1, max_task_retries=-1, num_cpus=0, num_gpus=num_gpus, max_concurrency=64
         )
-        self.replicas = [actor.remote(recipe) for _ in range(replicas)]
+        self.replicas: list[Any] = [actor.remote(recipe) for _ in range(replicas)]
         self._next = itertools.cycle(self.replicas)
         self._started = False
 
@@ -101,13 +101,16 @@ class RayModels:
             raise exc.as_instanceof_cause() from None
 
     async def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
-        return await self._call("embed_texts", texts)
+        vecs, cut = await self._call("embed_texts", texts)
+        return vecs, cut
 
     async def text_truncation(self, texts: list[str]) -> list[bool]:
-        return await self._call("text_truncation", texts)
+        cut: list[bool] = await self._call("text_truncation", texts)
+        return cut
 
     async def embed_images(self, pixels: np.ndarray) -> np.ndarray:
-        return await self._call("embed_images", pixels)
+        vecs: np.ndarray = await self._call("embed_images", pixels)
+        return vecs
 
     async def score(
         self,
@@ -119,5 +122,11 @@ class RayModels:
         prompt: str | None = None,
         max_new_tokens: int = 30,
     ) -> ScoreResult:
-        kwargs = {"itm_rows": itm_rows, "caption_rows": caption_rows, "prompt": prompt, "max_new_tokens": max_new_tokens}
-        return await self._call("score", pixels, text, kwargs)
+        kwargs = {
+            "itm_rows": itm_rows,
+            "caption_rows": caption_rows,
+            "prompt": prompt,
+            "max_new_tokens": max_new_tokens,
+        }
+        result: ScoreResult = await self._call("score", pixels, text, kwargs)
+        return result

@@ -44,7 +44,8 @@ def merge_top(parts: Iterable[Hits], k: int) -> Hits:
 
 
 def _mine(ids: np.ndarray, shard: int, shards: int) -> np.ndarray:
-    return np.asarray(ids, dtype=np.int64) % shards == shard
+    mask: np.ndarray = np.asarray(ids, dtype=np.int64) % shards == shard
+    return mask
 
 
 class IndexShard:
@@ -154,13 +155,17 @@ class IndexShard:
         for b in batches:
             self._add(index, b.upsert_ids, b.upsert_vectors)
         index.generation = generation
-        log.info("shard %d/%d: built %d images at generation %d", self.shard, self.shards, len(index), generation)
+        log.info(
+            "shard %d/%d: built %d images at generation %d", self.shard, self.shards, len(index), generation
+        )
         return index
 
     def _caught_up(self, base: MultiVectorIndex, generation: int) -> MultiVectorIndex:
         """A flat copy of ``base`` with the catalog's changes up to ``generation`` (float16 rows copy
         exactly, so this equals a fresh build)."""
-        index = MultiVectorIndex(None, kind="flat", vectors_per_image=base.vectors_per_image, device=base.device)
+        index = MultiVectorIndex(
+            None, kind="flat", vectors_per_image=base.vectors_per_image, device=base.device
+        )
         ids = base.ids()
         if len(ids):
             index.add(ids, base.get_vectors(ids))

@@ -47,7 +47,8 @@ class ShardedHandle(IndexHandle):
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         try:
-            return ray.get(refs, timeout=QUERY_TIMEOUT_SECONDS)
+            parts: list[Hits] = ray.get(refs, timeout=QUERY_TIMEOUT_SECONDS)
+            return parts
         except RayActorError as exc:  # a shard died; Ray restarts it and the watcher reloads it
             raise unavailable("a shard is restarting") from exc
         except GetTimeoutError as exc:
@@ -68,7 +69,9 @@ class ShardedHandle(IndexHandle):
         if self.size == 0 or (allowed is not None and not allowed):
             return []
         v, ids = np.asarray(vectors, np.float32), ids_array(allowed)
-        parts = self._gather([s.search_by_image.remote(self.generation, v, k, ids, exclude) for s in self.shards])
+        parts = self._gather(
+            [s.search_by_image.remote(self.generation, v, k, ids, exclude) for s in self.shards]
+        )
         return merge_top(parts, k)
 
 
@@ -92,7 +95,9 @@ class ShardedWatcher(IndexWatcher):
         import ray
 
         actor = ray.remote(IndexShard).options(max_restarts=-1, num_cpus=0, num_gpus=num_gpus)
-        self.shards = [actor.remote(database_url, model_key, i, shards, options) for i in range(shards)]
+        self.shards: list[Any] = [
+            actor.remote(database_url, model_key, i, shards, options) for i in range(shards)
+        ]
         self._current: ShardedHandle | None = None
         self._swap = threading.Lock()
 
@@ -125,7 +130,9 @@ class ShardedWatcher(IndexWatcher):
             self.error = None
             handle = self._current
         if changed:
-            log.info("serving generation %d over %d shards (%d images)", target, len(self.shards), len(handle))
+            log.info(
+                "serving generation %d over %d shards (%d images)", target, len(self.shards), len(handle)
+            )
         if self._on_change is not None:
             self._on_change(handle)
         return handle
@@ -133,5 +140,5 @@ class ShardedWatcher(IndexWatcher):
     def shard_pids(self) -> list[int]:
         import ray
 
-        return ray.get([s.pid.remote() for s in self.shards])
-
+        pids: list[int] = ray.get([s.pid.remote() for s in self.shards])
+        return pids
