@@ -198,7 +198,7 @@ class EncoderActor:
         _test_pause(self.pause, "encode", batch["i"])
         results = [pickle.loads(r) for r in batch["result"]]
         rows = [n for n, r in enumerate(results) if isinstance(r, Decoded)]
-        embeddings: list[bytes | None] = [None] * len(results)
+        embeddings: list[np.ndarray | None] = [None] * len(results)
         captions: list[str | None] = [None] * len(results)
         if rows:
             pixels = normalise(np.stack([results[n].model_input for n in rows]), self.encoder.spec)
@@ -210,19 +210,17 @@ class EncoderActor:
                 self.prompt,
             )
             for n, emb, cap in zip(rows, out.embeddings, out.captions, strict=True):
-                embeddings[n] = None if emb is None else pickle.dumps(np.asarray(emb), protocol=5)
-                captions[n] = cap
+                embeddings[n], captions[n] = emb, cap
+        # One pickled (result, embedding, caption) per row: Arrow would turn a missing caption into NaN.
+        # The pixels stay here: the driver needs only what it writes (vectors, files, metadata).
         shipped = [
-            # The pixels stay here: the driver needs only what it writes (vectors, files, metadata).
-            pickle.dumps(replace(r, model_input=np.empty((0,), np.uint8)) if isinstance(r, Decoded) else r)
-            for r in results
+            pickle.dumps(
+                (replace(r, model_input=np.empty((0,), np.uint8)) if isinstance(r, Decoded) else r, e, c),
+                protocol=5,
+            )
+            for r, e, c in zip(results, embeddings, captions, strict=True)
         ]
-        return {
-            "i": batch["i"],
-            "result": _objects(shipped),
-            "embedding": _objects(embeddings),
-            "caption": _objects(captions),
-        }
+        return {"i": batch["i"], "out": _objects(shipped)}
 
 
 # ---------------------------------------------------------------------------------- driver side
@@ -288,19 +286,16 @@ class RayEngine:
             compute=ray.data.ActorPoolStrategy(size=encoders),
             num_gpus=gpus,
             num_cpus=self.options.cpus_per_encoder if gpus == 0 else 1,
+            # Spread the encoders over the nodes. It also keeps Ray Data from fusing the decode tasks
+            # into the CPU encoder actors (equal resources fuse), which would decode serially in them.
+            scheduling_strategy="SPREAD",
             batch_format="numpy",
         )
         log.info("ray: %d encoder actor(s), %s GPU each, %d items", encoders, gpus, len(rows))
         for out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-            for i, result, emb, cap in zip(
-                out["i"], out["result"], out["embedding"], out["caption"], strict=True
-            ):
-                yield EngineRow(
-                    work[int(i)],
-                    pickle.loads(result),
-                    None if emb is None else pickle.loads(emb),
-                    None if cap is None else str(cap),
-                )
+            for i, row in zip(out["i"], out["out"], strict=True):
+                result, embedding, caption = pickle.loads(row)
+                yield EngineRow(work[int(i)], result, embedding, caption)
 
 
 def make_engine(settings: Any, *, caption: bool, address: str | None, encoders: int | None) -> RayEngine:
