@@ -78,8 +78,10 @@ def connect(address: str | None) -> None:
             ignore_reinit_error=True,
         )
     except Exception as exc:
+        from ray.exceptions import AuthenticationError
+
         text = str(exc)
-        if "token" in text.lower() or "auth" in text.lower():
+        if isinstance(exc, AuthenticationError) or "auth_token" in text or "authentication" in text.lower():
             raise RayEngineError(
                 f"the Ray cluster at {address} refused this driver's token: copy the cluster's "
                 "~/.ray/auth_token to this machine or set RAY_AUTH_TOKEN (docs/scale-out.md)"
@@ -298,7 +300,9 @@ class RayEngine:
                 yield EngineRow(work[int(i)], result, embedding, caption)
 
 
-def make_engine(settings: Any, *, caption: bool, address: str | None, encoders: int | None) -> RayEngine:
+def engine_from_settings(
+    settings: Any, *, caption: bool, address: str | None, encoders: int | None
+) -> RayEngine:
     """The engine for the CLI's settings: joins (or starts) Ray and checks the catalog can be shared."""
     connect(address)
     check_catalog_shareable(settings.resolved_database_url)

@@ -125,9 +125,11 @@ def index(
         progress = None if as_json else RichProgress(console)
         model_engine = None
         if engine_name == "ray" and not dry_run:
-            from indexer.ray_engine import make_engine as make_ray_engine
+            from indexer.ray_engine import engine_from_settings
 
-            model_engine = make_ray_engine(settings, caption=caption, address=ray_address, encoders=encoders)
+            model_engine = engine_from_settings(
+                settings, caption=caption, address=ray_address, encoders=encoders
+            )
         summary = run_index(
             sessions,
             encoder,
