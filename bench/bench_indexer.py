@@ -129,15 +129,11 @@ def indexer_run(
     """``run_index`` end to end into a fresh SQLite catalog under ``work`` (``encoder``: an already
     loaded one, else ``checkpoint`` is loaded)."""
     from blip2_embed.encoder import Blip2Encoder
-    from catalog.db import make_engine, session_factory, upgrade
-    from indexer.index_sync import catch_up_index
-    from indexer.run import IndexOptions, run_index
+    from indexer.run import IndexOptions, IndexTarget, run_index
 
     if encoder is None:
         encoder = Blip2Encoder.from_pretrained(retrieval=checkpoint, caption=None, batch_size=batch_size)
-    url = f"sqlite:///{work / 'catalog.db'}"
-    upgrade(url)
-    engine = make_engine(url)
+    target = IndexTarget(f"sqlite:///{work / 'catalog.db'}", work / "indexer.lock", work / "index")
     opts = IndexOptions(
         roots=[paths[0].parent],
         batch_size=batch_size,
@@ -146,12 +142,7 @@ def indexer_run(
         thumbnail_size=256,
     )
     start = time.perf_counter()
-    summary = run_index(
-        session_factory(engine),
-        encoder,
-        opts,
-        after_publish=lambda s: catch_up_index(engine, encoder.retrieval_key, work / "index"),
-    )
+    summary = run_index(target, encoder, opts)
     elapsed = time.perf_counter() - start
     assert summary.embedded == len(paths), summary.as_dict()
     return {

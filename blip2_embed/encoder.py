@@ -12,7 +12,7 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import numpy as np
 import torch
@@ -23,7 +23,13 @@ from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetriev
 from blip2_embed.decoding import GreedyDecoder, greedy_plan
 from blip2_embed.graphs import GraphedFunction, attention_mask_4d
 from blip2_embed.images import ImageSpec, preprocess
-from blip2_embed.loading import load_pretrained, load_tokenizer, model_key, resolve_device, resolve_dtype
+from blip2_embed.loading import (
+    load_pretrained,
+    load_tokenizer,
+    model_key,
+    resolve_dtype,
+    resolve_torch_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +53,7 @@ class VisionFeatures:
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
-    def __getitem__(self, index: slice) -> VisionFeatures:
+    def __getitem__(self, index: slice | torch.Tensor) -> VisionFeatures:
         return VisionFeatures(
             hidden=self.hidden[index],
             pixels=None if self.pixels is None else self.pixels[index],
@@ -55,6 +61,7 @@ class VisionFeatures:
         )
 
 
+_Part = TypeVar("_Part")
 ImageInput = Union[Sequence[Image.Image], np.ndarray, torch.Tensor, VisionFeatures]  # noqa: UP007
 
 
@@ -95,6 +102,12 @@ def _same_weights(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(
         sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa
     )
+
+
+def _loaded(part: _Part | None, what: str) -> _Part:
+    if part is None:
+        raise RuntimeError(f"this encoder was loaded without {what}")
+    return part
 
 
 class Blip2Encoder:
@@ -219,7 +232,7 @@ class Blip2Encoder:
         ``qformer_dtype`` (e.g. bf16) overrides transformers' fp32 Q-Former; ``attn_implementation``
         is passed to ``from_pretrained`` (transformers 5 picks ``sdpa`` for BLIP-2 by default).
         """
-        dev = resolve_device(device)
+        dev = resolve_torch_device(device)
         dt = resolve_dtype(dtype, dev)
         load_kwargs: dict[str, object] = {"dtype": dt}
         if attn_implementation:
@@ -302,24 +315,16 @@ class Blip2Encoder:
         return int(min(limit, model_max))
 
     def _need_retrieval(self) -> Blip2ForImageTextRetrieval:
-        if self.retrieval is None:
-            raise RuntimeError("this encoder was loaded without a retrieval model (ITC/ITM)")
-        return self.retrieval
+        return _loaded(self.retrieval, "a retrieval model (ITC/ITM)")
 
     def _need_caption(self) -> Blip2ForConditionalGeneration:
-        if self.caption_model is None:
-            raise RuntimeError("this encoder was loaded without a caption model")
-        return self.caption_model
+        return _loaded(self.caption_model, "a caption model")
 
     def _need_retrieval_tokenizer(self) -> PreTrainedTokenizerBase:
-        if self.retrieval_tokenizer is None:
-            raise RuntimeError("this encoder was loaded without a retrieval tokenizer")
-        return self.retrieval_tokenizer
+        return _loaded(self.retrieval_tokenizer, "a retrieval tokenizer")
 
     def _need_caption_tokenizer(self) -> PreTrainedTokenizerBase:
-        if self.caption_tokenizer is None:
-            raise RuntimeError("this encoder was loaded without a caption tokenizer")
-        return self.caption_tokenizer
+        return _loaded(self.caption_tokenizer, "a caption tokenizer")
 
     # ------------------------------------------------------------------ inputs
     def to_pixels(self, images: Sequence[Image.Image] | np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -41,12 +41,12 @@ from blip2_embed.images import (
     DEFAULT_MAX_PIXELS,
     ImageMetadata,
     ImageSpec,
-    _looks_truncated,
-    _normalisation_table,
     load_image_with_metadata,
     read_metadata,
     sniff_format,
 )
+from blip2_embed.images.preprocess import normalisation_table
+from blip2_embed.images.sniff import looks_truncated
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def gpu_route(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> GpuRoute | N
     Reads headers only. Anything unusual returns ``None``: the CPU path decodes it or raises the
     right :class:`ImageError`, so the GPU path never has to name a failure.
     """
-    if sniff_format(data[:64]) != "jpeg" or _looks_truncated(data, "jpeg"):
+    if sniff_format(data[:64]) != "jpeg" or looks_truncated(data, "jpeg"):
         return None
     sof = _start_of_frame(data)
     if sof is None or sof[0] not in _GPU_SOF or sof[1] not in (1, 3):
@@ -181,7 +181,7 @@ def to_model_input(pixels: torch.Tensor, spec: ImageSpec, dtype: torch.dtype = t
     The per-channel table of ``preprocess`` (transformers' arithmetic for each of the 256 levels) is
     gathered on the tensor's device.
     """
-    table = torch.from_numpy(_normalisation_table(spec)).to(pixels.device)  # (3, 256)
+    table = torch.from_numpy(normalisation_table(spec)).to(pixels.device)  # (3, 256)
     idx = pixels.long()
     out = torch.stack([table[c][idx[:, c]] for c in range(3)], dim=1)
     return out.to(dtype)

@@ -15,7 +15,8 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 import blip2_train.cli as train_cli
-from blip2_search.commands import caption, db, demo, index, search, serve
+from blip2_search import __version__
+from blip2_search.commands import caption, check_models, db, demo, index, search, serve
 from blip2_search.failures import explain
 
 log = logging.getLogger("blip2_search")
@@ -37,13 +38,29 @@ class _ReportingGroup(TyperGroup):
 
 
 app = typer.Typer(
-    help="Self-hosted semantic image search on BLIP-2.", no_args_is_help=True, cls=_ReportingGroup
+    help="Self-hosted semantic image search on BLIP-2.",
+    no_args_is_help=True,
+    cls=_ReportingGroup,
+    # Subcommands inherit the context settings: `-h` works everywhere.
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"blip2-search {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
 def main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log lines (INFO and DEBUG), tracebacks of failures.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
 ) -> None:
     # Our own progress and results go to the terminal directly; log lines are for --verbose.
     logging.basicConfig(
@@ -64,6 +81,7 @@ app.command("serve")(serve.serve)
 app.command("search")(search.search)
 app.command("caption")(caption.caption)
 app.command("demo")(demo.demo)
+app.command("check-models")(check_models.check_models)
 train_cli.register(app)  # scenes, train, eval (blip2_train's own commands)
 
 

@@ -259,7 +259,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
 
 
 def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple[int, int, int]:
-    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)  # type: ignore[return-value]
+    r, g, b = (max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)
+    return r, g, b
 
 
 def render(scene: Scene, size: int = 128, jitter: float = 0.25) -> Image.Image:

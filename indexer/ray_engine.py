@@ -22,19 +22,19 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from indexer.decode import DecodeConfig, Decoded, DecodeFailure, decode_bytes, read_failure
-from indexer.run import TEST_PAUSE_ENV, EngineRow
+from indexer.phases import EngineRow
 
 if TYPE_CHECKING:
     from indexer.diff import WorkItem
-    from indexer.run import Indexer, RunSummary
+    from indexer.phases import Indexer
+    from indexer.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -108,20 +108,6 @@ def check_catalog_shareable(database_url: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- cluster side
-def _test_pause(spec: str | None, stage: str, items: np.ndarray) -> None:
-    """``indexer.run``'s test hook on the cluster side (docs/indexer.md): stages ``decode`` and ``encode``
-    pause the task or actor whose batch holds work item N, after writing its pid to MARKER so a test can
-    kill it; an existing MARKER means that was done (a retried task or restarted actor goes on)."""
-    for one in (spec or "").split("|"):
-        parts = one.split(":", 3)
-        if len(parts) == 4 and parts[0] == stage and int(parts[1]) in {int(i) for i in items}:
-            marker = parts[3]
-            if not os.path.exists(marker):
-                with open(marker, "w") as fh:
-                    fh.write(f"{os.getpid()}\n")
-                time.sleep(float(parts[2]))
-
-
 def read_bytes(path: str) -> bytes:
     """A file's bytes: ``s3://`` (and other URIs pyarrow knows) through pyarrow, else the local path."""
     if "://" in path:
@@ -134,11 +120,8 @@ def read_bytes(path: str) -> bytes:
         return fh.read()
 
 
-def decode_batch(
-    batch: dict[str, np.ndarray], config: DecodeConfig, pause: str | None = None
-) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], config: DecodeConfig) -> dict[str, np.ndarray]:
     """Ray Data CPU task: the indexer's decode of each path; results pickled (dataclasses with numpy)."""
-    _test_pause(pause, "decode", batch["i"])
     out = []
     for path in batch["path"]:
         try:
@@ -166,7 +149,6 @@ class EncoderActor:
         model_key: str,
         caption_key: str | None,
         prompt: str | None,
-        pause: str | None = None,
     ) -> None:
         from blip2_embed.encoder import Blip2Encoder
 
@@ -191,13 +173,11 @@ class EncoderActor:
                 f"({self.encoder.retrieval_key} != {model_key}): give every node the same checkpoints"
             )
         self.prompt = prompt
-        self.pause = pause
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from blip2_embed.images import normalise
         from indexer.pipeline import run_model
 
-        _test_pause(self.pause, "encode", batch["i"])
         results = [pickle.loads(r) for r in batch["result"]]
         rows = [n for n, r in enumerate(results) if isinstance(r, Decoded)]
         embeddings: list[np.ndarray | None] = [None] * len(results)
@@ -229,9 +209,20 @@ class EncoderActor:
 class RayEngine:
     """``indexer.run.ModelEngine`` on Ray Data; see the module docstring."""
 
-    def __init__(self, recipe: EncoderRecipe, options: RayOptions | None = None) -> None:
+    def __init__(
+        self,
+        recipe: EncoderRecipe,
+        options: RayOptions | None = None,
+        *,
+        decode: Callable[[dict[str, np.ndarray], DecodeConfig], dict[str, np.ndarray]] = decode_batch,
+        encoder_actor: type[EncoderActor] = EncoderActor,
+    ) -> None:
+        """``decode`` and ``encoder_actor`` are the two stages (a caller may wrap them, e.g. to observe
+        or fault-inject; the tests kill them mid-run this way)."""
         self.recipe = recipe
         self.options = options or RayOptions()
+        self.decode = decode
+        self.encoder_actor = encoder_actor
 
     def pool(self) -> tuple[int, float]:
         """(encoders, GPUs per encoder) from the flags or the cluster's resources."""
@@ -258,7 +249,6 @@ class RayEngine:
         connect(self.options.address)
         config = indexer.decode_config()
         batch = indexer.options.batch_size
-        pause = os.environ.get(TEST_PAUSE_ENV)  # the test hook travels to the cluster side
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # the local indexer's order, batch for batch
         ctx.enable_progress_bars = False  # the CLI draws one progress display
@@ -269,20 +259,19 @@ class RayEngine:
         encoders, gpus = self.pool()
         ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch)))
         ds = ds.map_batches(
-            decode_batch,
-            fn_kwargs={"config": config, "pause": pause},
+            self.decode,
+            fn_kwargs={"config": config},
             batch_size=batch,
             num_cpus=self.options.decode_cpus,
             batch_format="numpy",
         )
         ds = ds.map_batches(
-            EncoderActor,
+            self.encoder_actor,
             fn_constructor_kwargs={
                 "recipe": self.recipe,
                 "model_key": indexer.model_key,
                 "caption_key": indexer.caption_key,
                 "prompt": indexer.options.caption_prompt,
-                "pause": pause,
             },
             batch_size=batch,
             compute=ray.data.ActorPoolStrategy(size=encoders),

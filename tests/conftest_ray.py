@@ -56,23 +56,16 @@ def ray_index_options(data: Path, lib: Path):
     )
 
 
-def index_into(data: Path, lib: Path, encoder, engine=None):
-    """One run of ``run_index`` into a fresh or existing data dir; returns (summary, end state)."""
-    from catalog.db import make_engine, session_factory, upgrade
-    from indexer.index_sync import catch_up_index
-    from indexer.run import run_index
+def index_into(data: Path, lib: Path, encoder, engine=None, progress=None):
+    """One ``run_index`` into a fresh or existing data dir; returns (summary, end state)."""
+    from catalog.db import make_engine
+    from indexer.run import IndexTarget, run_index
 
     url = f"sqlite:///{data / 'catalog.db'}"
-    upgrade(url)
+    target = IndexTarget(database_url=url, lock_path=data / "indexer.lock", vector_index_dir=data / "index")
+    summary = run_index(target, encoder, ray_index_options(data, lib), progress=progress, model_engine=engine)
     sql = make_engine(url)
     try:
-        summary = run_index(
-            session_factory(sql),
-            encoder,
-            ray_index_options(data, lib),
-            after_publish=lambda s: catch_up_index(sql, encoder.retrieval_key, data / "index"),
-            engine=engine,
-        )
         return summary, dump(sql, encoder.retrieval_key, data / "index")
     finally:
         sql.dispose()
@@ -91,10 +84,40 @@ def ray_library(tmp_path_factory: pytest.TempPathFactory, encoder) -> RayLibrary
     return RayLibrary(lib, base / "reference", state)
 
 
-def ray_engine(tiny_checkpoints, **options):
-    from indexer.ray_engine import EncoderRecipe, RayEngine, RayOptions
+def ray_engine(tiny_checkpoints, *, decode=None, encoder_actor=None, **options):
+    from indexer.ray_engine import EncoderActor, EncoderRecipe, RayEngine, RayOptions, decode_batch
 
     recipe = EncoderRecipe(
         str(tiny_checkpoints.retrieval), str(tiny_checkpoints.caption), device="cpu", batch_size=RAY_BATCH
     )
-    return RayEngine(recipe, RayOptions(**options))
+    return RayEngine(
+        recipe,
+        RayOptions(**options),
+        decode=decode or decode_batch,
+        encoder_actor=encoder_actor or EncoderActor,
+    )
+
+
+def pausing_stages(item: int, seconds: float, decode_marker: Path, encode_marker: Path):
+    """The engine's two stages wrapped: the decode task and the encoder actor whose batch holds work item
+    ``item`` write their pid to their marker and sleep, once (a retried task or a restarted actor finds
+    the marker and goes on). Made here, inside a function, so Ray pickles them by value."""
+    import time
+
+    from indexer.ray_engine import EncoderActor, decode_batch
+
+    def pause(marker: Path, batch) -> None:
+        if item in {int(i) for i in batch["i"]} and not marker.exists():
+            marker.write_text(f"{os.getpid()}\n")
+            time.sleep(seconds)
+
+    def decode(batch, config):
+        pause(decode_marker, batch)
+        return decode_batch(batch, config)
+
+    class PausingEncoder(EncoderActor):
+        def __call__(self, batch):
+            pause(encode_marker, batch)
+            return super().__call__(batch)
+
+    return decode, PausingEncoder

@@ -183,3 +183,35 @@ def test_model_keys_are_stable_and_distinguish_weights(encoder, tiny_checkpoints
     assert again.retrieval_key == encoder.retrieval_key
     assert encoder.retrieval_key.startswith("retrieval@")
     assert encoder.caption_key != encoder.retrieval_key
+
+
+def test_locate_checkpoint_finds_folders_and_cached_hub_ids_without_loading(
+    tiny_checkpoints, tmp_path, monkeypatch
+):
+    from huggingface_hub import constants
+
+    from blip2_embed.loading import locate_checkpoint
+
+    assert locate_checkpoint(str(tiny_checkpoints.retrieval), "retrieval") == tiny_checkpoints.retrieval
+    with pytest.raises(ModelNotFoundError, match="does not exist") as err:
+        locate_checkpoint(str(tmp_path / "models/blip2-itm-vit-g"), "retrieval")
+    assert "hf download Salesforce/blip2-itm-vit-g --local-dir" in str(err.value)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half/config.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match="has no weights"):
+        locate_checkpoint(str(tmp_path / "half"), "caption")
+
+    # A hub id is looked up in the Hugging Face cache's own layout (refs/main -> snapshots/<rev>/).
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    with pytest.raises(ModelNotFoundError, match="not in the Hugging Face cache") as err:
+        locate_checkpoint("Salesforce/blip2-opt-2.7b", "caption")
+    assert "BLIP2_CAPTION_MODEL" in str(err.value)
+    repo = cache / "models--Salesforce--blip2-opt-2.7b"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs/main").write_text("0" * 40)
+    for name in ("config.json", "model.safetensors.index.json"):
+        (snapshot / name).write_text("{}")
+    assert locate_checkpoint("Salesforce/blip2-opt-2.7b", "caption") == snapshot

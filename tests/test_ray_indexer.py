@@ -1,8 +1,8 @@
 """``index --engine ray`` on a local Ray: the same catalog as the local indexer, through faults.
 
-One Ray and one reference catalog serve all tests (tests/conftest_ray.py). The fault tests stop a
-decode task or an encoder actor through the cluster-side test pause, kill its process by the pid it
-wrote, and check Ray's retry/restart leaves nothing lost or duplicated.
+One Ray and one reference catalog serve all tests (tests/conftest_ray.py). The fault test wraps the
+engine's decode task and encoder actor so they pause at a known batch and report their pid, kills both,
+and checks Ray's retry/restart leaves nothing lost or duplicated.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from indexer.run import TEST_PAUSE_ENV
-from tests.conftest_ray import RAY_BATCH, RAY_IMAGES, index_into, ray_engine
+from tests.conftest_ray import RAY_BATCH, RAY_IMAGES, index_into, pausing_stages, ray_engine
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -49,13 +48,14 @@ def test_ray_catalog_equals_the_local_indexers(ray_local, ray_library, encoder, 
 
 
 def test_a_killed_decode_worker_and_encoder_actor_lose_nothing(
-    ray_local, ray_library, encoder, tiny_checkpoints, tmp_path, monkeypatch
+    ray_local, ray_library, encoder, tiny_checkpoints, tmp_path
 ):
     """One run, two kills: the decode task of the second batch and the encoder actor at the third."""
     import threading
 
     markers = {"decode": tmp_path / "decode-paused", "encode": tmp_path / "encode-paused"}
-    monkeypatch.setenv(TEST_PAUSE_ENV, f"decode:5:60:{markers['decode']}|encode:9:60:{markers['encode']}")
+    decode, _ = pausing_stages(5, 60, markers["decode"], tmp_path / "unused")
+    _, encoder_actor = pausing_stages(9, 60, tmp_path / "unused", markers["encode"])
     killed: dict[str, int] = {}
 
     def killer(stage: str) -> None:
@@ -66,7 +66,8 @@ def test_a_killed_decode_worker_and_encoder_actor_lose_nothing(
     threads = [threading.Thread(target=killer, args=(s,), daemon=True) for s in markers]
     for t in threads:
         t.start()
-    summary, state = index_into(tmp_path / "ray", ray_library.root, encoder, ray_engine(tiny_checkpoints))
+    engine = ray_engine(tiny_checkpoints, decode=decode, encoder_actor=encoder_actor)
+    summary, state = index_into(tmp_path / "ray", ray_library.root, encoder, engine)
     for t in threads:
         t.join(5)
     assert set(killed) == {"decode", "encode"} and os.getpid() not in killed.values()
@@ -93,10 +94,20 @@ def test_a_killed_driver_resumes_like_the_local_indexer(
         HF_HUB_OFFLINE="1",
         RAY_AUTH_MODE="disabled",
         PYTHONPATH=str(REPO),
-        **{TEST_PAUSE_ENV: f"committed:1:600:{marker}"},
     )
     address = ray_local.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "blip2_search.cli", "index", str(ray_library.root), "--caption", "--json"]
+    # The real command, paused after its first commit by tests/support/pause.py's sink.
+    pause = f"committed:1:600:{marker}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.support.pause",
+        pause,
+        "index",
+        str(ray_library.root),
+        "--caption",
+        "--json",
+    ]
     proc = subprocess.Popen(
         [*cmd, "--engine", "ray", "--ray-address", address, "--encoders", "1"],
         env=env,

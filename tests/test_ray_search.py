@@ -54,7 +54,7 @@ def _answers(client: TestClient, ids: list[int]) -> list[object]:
 def test_sharded_answers_equal_the_single_process_servers(
     ray_local, ray_library, search_settings, encoder
 ) -> None:
-    from search_api.scaleout.assembly import create_sharded_app
+    from search_api.scaleout.assembly import ShardLayout, create_sharded_app
 
     with TestClient(create_app(search_settings, encoder=encoder)) as single:
         hits = single.get("/api/search", params={"q": "a photo", "k": 50, "rerank": 0}).json()["hits"]
@@ -62,12 +62,12 @@ def test_sharded_answers_equal_the_single_process_servers(
         assert len(ids) == len(ray_library.state.embedded)
         reference = _answers(single, ids)
 
-    app = create_sharded_app(search_settings, shards=3, encoder=encoder)
+    app = create_sharded_app(search_settings, ShardLayout(shards=3), encoder=encoder)
     with TestClient(app) as sharded:
         assert _answers(sharded, ids) == reference  # ids, order, scores, captions
 
         # A shard killed under load: every answer is the whole answer or a clean 503, then whole again.
-        watcher = sharded.app.state.blip2.watcher
+        watcher = sharded.app.state.blip2.index
         os.kill(watcher.shard_pids()[1], signal.SIGKILL)
         want = reference[0]
         seen = set()

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from blip2_search.settings import Settings
-from search_api.testing import ServerProcess, index_folder, jpeg_bytes, make_photos
+from tests.support.catalog import index_folder, jpeg_bytes, make_photos
+from tests.support.server import ServerProcess
 
 CHROMIUM = "/usr/bin/chromium"
 N_PHOTOS = 12

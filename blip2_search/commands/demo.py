@@ -1,9 +1,9 @@
 """``blip2-search demo``: a photo folder, indexed with the bundled demo model, served with the web page.
 
 Everything is offline: the photos are synthetic scenes (``blip2_train.scenes``) and the model is the
-small BLIP-2 pair trained on such scenes that ships in ``models/demo`` (see docs/training.md for the
-command that regenerates it). The demo runs the same indexer and API as a real deployment; only the
-settings differ.
+small BLIP-2 pair trained on such scenes that ships as package data in ``blip2_search/demo_model`` (see
+docs/training.md for the command that regenerates it). The demo runs the same indexer and API as a real
+deployment; only the settings differ.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Annotated
 
 import typer
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_MODEL = REPO_ROOT / "models" / "demo"
+from blip2_search.demo_model import DEMO_MODEL_DIR, demo_model_present
 
 
 def demo(
+    ctx: typer.Context,
     data_dir: Annotated[Path, typer.Option(help="Where the demo photos, catalog and index go.")] = Path(
         "demo-data"
     ),
@@ -26,7 +26,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Scene generator seed (held out from training).")] = 20261127,
     model_dir: Annotated[
         Path, typer.Option(help="Folder with retrieval/ and caption/ checkpoints.")
-    ] = DEMO_MODEL,
+    ] = DEMO_MODEL_DIR,
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Start the API after indexing.")] = True,
@@ -37,9 +37,10 @@ def demo(
     from blip2_train.scenes import generate_dataset
 
     retrieval, caption = model_dir / "retrieval", model_dir / "caption"
-    if not (retrieval / "config.json").is_file() or not (caption / "config.json").is_file():
+    if not demo_model_present(model_dir):
         typer.secho(
-            f"the demo model is missing from {model_dir}; regenerate it with the command in docs/training.md",
+            f"the demo model is missing from {model_dir} (it ships in the package as "
+            "blip2_search/demo_model; reinstall blip2-search, or regenerate it as docs/training.md says)",
             fg=typer.colors.RED,
             err=True,
         )
@@ -70,7 +71,6 @@ def demo(
     from blip2_search.commands.index import index
     from blip2_search.commands.serve import serve as serve_api
 
-    index([photo_dir / "images"], caption=True)
+    index(ctx, [photo_dir / "images"], caption=True)
     if serve:
-        typer.echo(f"serving the demo at http://{host}:{port}/  (Ctrl-C stops it)")
         serve_api(host=host, port=port)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import typer
 
-from blip2_search.commands.common import DatabaseUrlOption, load_encoder, settings_from
+from blip2_search.commands.common import DatabaseUrlOption, fail, load_encoder, settings_from
+from blip2_search.failures import EXIT_USAGE
 
 
 def serve(
@@ -15,7 +17,9 @@ def serve(
         int | None, typer.Option(min=0, max=65535, help="Port (default: settings api_port).")
     ] = None,
     database_url: DatabaseUrlOption = None,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    log_level: Annotated[
+        str | None, typer.Option(help="uvicorn log level (default: info with --verbose, else warning).")
+    ] = None,
     engine_name: Annotated[
         str, typer.Option("--engine", help="local (one process) or ray (sharded index, model replicas).")
     ] = "local",
@@ -39,18 +43,20 @@ def serve(
     from search_api.app import create_app
 
     if engine_name not in ("local", "ray"):
-        typer.secho(f"--engine is local or ray, not {engine_name!r}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
+        fail(f"--engine is local or ray, not {engine_name!r}", EXIT_USAGE)
     if engine_name == "ray":
         from indexer.ray_engine import connect
-        from search_api.scaleout.assembly import create_sharded_app
+        from search_api.scaleout.assembly import ShardLayout, create_sharded_app
 
         connect(ray_address)  # a refused token or an unreachable cluster: one line (exit 1)
-        app = create_sharded_app(
-            settings, shards=shards, encoder=load_encoder(settings), model_replicas=model_replicas
-        )
+        layout = ShardLayout(shards=shards, model_replicas=model_replicas)
+        app = create_sharded_app(settings, layout, encoder=load_encoder(settings))
     else:
         app = create_app(settings, encoder=load_encoder(settings))
     # One worker process: the model worker thread owns the accelerator; more processes would each load
     # the models. Concurrency comes from the event loop plus request batching.
+    if log_level is None:  # uvicorn's INFO lines, like ours, only with --verbose
+        log_level = "info" if logging.getLogger().isEnabledFor(logging.INFO) else "warning"
+    if settings.api_port:
+        typer.echo(f"serving on http://{settings.api_host}:{settings.api_port}/  (Ctrl-C stops it)", err=True)
     uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level=log_level, access_log=False)

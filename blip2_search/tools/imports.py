@@ -1,9 +1,10 @@
 """The project's import graph and the dependency rule of docs/architecture.md, checked from source.
 
 ``python -m blip2_search.tools.imports`` prints the package graph (edges with how many imports make
-them), module sizes, and every broken rule; it exits 1 if any rule is broken. ``tests/cli/test_architecture.py``
-runs the same check. Imports inside functions count like top-level ones (they are still dependencies,
-only deferred), and so do ``if TYPE_CHECKING:`` imports (a type is a dependency too).
+them), module sizes, and every broken rule; it exits 1 if any rule is broken.
+``tests/cli/test_architecture.py`` runs the same check. Imports inside functions count like top-level
+ones (they are still dependencies, only deferred), and so do ``if TYPE_CHECKING:`` imports (a type
+is a dependency too).
 """
 
 from __future__ import annotations

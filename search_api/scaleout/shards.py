@@ -25,7 +25,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from catalog import repository as repo
-from catalog.index_store import IndexOptions, choose_kind
+from catalog.index_store import VectorIndexOptions, choose_kind
 from catalog.vector_index import MultiVectorIndex
 from catalog.vector_index import index_device as resolve_device
 
@@ -53,7 +53,7 @@ class IndexShard:
     until the coordinator prepares it again)."""
 
     def __init__(
-        self, database_url: str, model_key: str, shard: int, shards: int, options: IndexOptions
+        self, database_url: str, model_key: str, shard: int, shards: int, options: VectorIndexOptions
     ) -> None:
         from catalog.db import make_engine
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from catalog.index_store import IndexOptions
-from search_api.catalog_view import CatalogView
-from search_api.errors import ApiError
-from search_api.index_watcher import IndexHandle, IndexWatcher
+from catalog.index_store import VectorIndexOptions
 from search_api.scaleout.shards import Hits, IndexShard, ids_array, merge_top
+from search_api.service.catalog_reader import CatalogReader
+from search_api.service.errors import Unavailable
+from search_api.service.index_watcher import IndexHandle, IndexWatcher
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +23,10 @@ RETRY_AFTER_SECONDS = 2
 QUERY_TIMEOUT_SECONDS = 30.0
 
 
-def unavailable(why: str) -> ApiError:
-    return ApiError(
-        503, f"the search index is not available: {why}; retry shortly", code="shards-unavailable",
-        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+def unavailable(why: str) -> Unavailable:
+    return Unavailable(
+        f"the search index is not available: {why}; retry shortly", code="shards-unavailable",
+        retry_after_seconds=RETRY_AFTER_SECONDS,
     )  # fmt: skip
 
 
@@ -80,9 +80,9 @@ class ShardedWatcher(IndexWatcher):
 
     def __init__(
         self,
-        view: CatalogView,
+        catalog: CatalogReader,
         model_key: str,
-        options: IndexOptions,
+        options: VectorIndexOptions,
         *,
         shards: int,
         database_url: str,
@@ -91,7 +91,7 @@ class ShardedWatcher(IndexWatcher):
         on_change: Any = None,
     ) -> None:
         # No index file: the shards build their partitions from the catalog.
-        super().__init__(view, model_key, Path(), options, poll_seconds=poll_seconds, on_change=on_change)
+        super().__init__(catalog, model_key, Path(), options, poll_seconds=poll_seconds, on_change=on_change)
         import ray
 
         actor = ray.remote(IndexShard).options(max_restarts=-1, num_cpus=0, num_gpus=num_gpus)
@@ -114,7 +114,7 @@ class ShardedWatcher(IndexWatcher):
         import ray
 
         with self._swap:
-            self.published = self.view.published_generation()
+            self.published = self.catalog.published_generation()
             target = self.published
             held = ray.get([s.generations.remote() for s in self.shards])
             current = self._current
@@ -136,6 +136,13 @@ class ShardedWatcher(IndexWatcher):
         if self._on_change is not None:
             self._on_change(handle)
         return handle
+
+    async def stop(self) -> None:
+        import ray
+
+        await super().stop()
+        for s in self.shards:
+            ray.kill(s)
 
     def shard_pids(self) -> list[int]:
         import ray
