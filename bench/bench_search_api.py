@@ -183,7 +183,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-search-api-"))
     if not args.retrieval:
-        from blip2_embed.testing import build_tiny_checkpoints
+        from blip2_train.scratch import build_tiny_checkpoints
 
         ck = build_tiny_checkpoints(work / "ckpt")
         args.retrieval, args.caption = str(ck.retrieval), str(ck.caption)

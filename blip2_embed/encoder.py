@@ -97,6 +97,17 @@ def query_output(model: Any, image_embeds: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
+def lm_text_ids(tokenizer: PreTrainedTokenizerBase, text: str | None, bos_token_id: int) -> list[int]:
+    """The language model's text after the soft prompt: ``[BOS] + tokens(text)``.
+
+    BOS is put here, not left to the tokenizer: OPT's adds one, others add none, and the caption
+    model is trained (``blip2_train``) and run on ``[image] * Q + [BOS] + ...`` either way. For OPT
+    this is exactly what ``Blip2Processor`` gives ``generate``.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    return [bos_token_id, *ids]
+
+
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(
@@ -529,11 +540,8 @@ class Blip2Encoder:
                 "the caption checkpoint's config has no image_token_index; use a current "
                 "Blip2ForConditionalGeneration checkpoint (e.g. Salesforce/blip2-opt-2.7b)"
             )
-        if prompt:
-            text_ids = tok(prompt, add_special_tokens=True)["input_ids"]
-        else:
-            text_ids = [config.text_config.bos_token_id]
-        return torch.tensor([[image_token] * config.num_query_tokens + list(text_ids)], device=self.device)
+        text_ids = lm_text_ids(tok, prompt, config.text_config.bos_token_id)
+        return torch.tensor([[image_token] * config.num_query_tokens + text_ids], device=self.device)
 
     @torch.inference_mode()
     def caption_token_ids(

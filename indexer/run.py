@@ -36,7 +36,7 @@ class IndexTarget:
     """Where a run writes: the catalog, the lock of its data folder, and the vector index kept beside."""
 
     database_url: str
-    lock_path: Path
+    lock_path: Path | None  # None: the caller holds the data folder's lock (``index --watch``, runs in a row)
     vector_index_dir: Path | None = None  # None: no catch-up here (a server catches up on its own)
     vector_index: VectorIndexOptions = field(default_factory=VectorIndexOptions)
 
@@ -62,9 +62,10 @@ def run_index(
     """Index ``options.roots`` into ``target`` once (see the module docstring). ``stop`` (set by a
     SIGINT handler) ends the run after the batch in hand, committed and published. ``model_engine`` runs
     the decode + model phase elsewhere (``indexer.ray_engine``; default: this process)."""
-    target.lock_path.parent.mkdir(parents=True, exist_ok=True)  # the data folder (a dry run's SQLite file)
+    if target.lock_path is not None:
+        target.lock_path.parent.mkdir(parents=True, exist_ok=True)  # the data folder (a dry run's SQLite)
     with contextlib.ExitStack() as held:
-        if not options.dry_run:
+        if not options.dry_run and target.lock_path is not None:
             held.enter_context(writer_lock(target.lock_path))
         upgrade(target.database_url)  # a dry run too: it reads an (empty) schema
         engine = make_engine(target.database_url)

@@ -22,6 +22,7 @@ from typing import Any
 
 from watchfiles import DefaultFilter, watch
 
+from indexer.scan import is_skipped_dir
 from indexer.summary import RunSummary
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class WatchOptions:
     # More folders than this in one batch: rescan the roots instead (one walk beats many small ones).
     max_folders: int = 64
     force_polling: bool | None = None  # None: watchfiles decides (WATCHFILES_FORCE_POLLING)
+    include_hidden: bool = False  # as the scan: changes in hidden and system folders start no batch
 
 
 @dataclass
@@ -66,6 +68,18 @@ class WatchSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {"watch": True, **self.__dict__, "seconds": round(self.seconds, 3)}
+
+
+def skipped_by_scan(path: Path, roots: Iterable[Path], include_hidden: bool = False) -> bool:
+    """The scan would not look at ``path`` (a dot file, or under a hidden or system folder below its
+    root): a change there is no reason for a batch."""
+    if include_hidden:
+        return False
+    for root in roots:
+        if root in path.parents:
+            rel = path.relative_to(root).parts
+            return rel[-1].startswith(".") or any(is_skipped_dir(part) for part in rel[:-1])
+    return False
 
 
 def folders_to_rescan(roots: Iterable[Path], changed: Iterable[Path], max_folders: int = 64) -> list[Path]:
@@ -124,9 +138,11 @@ def watch_and_index(
     for changes in events:
         if stop.is_set():
             break
-        if not changes:
+        paths = {Path(p) for _, p in changes}
+        paths = {p for p in paths if not skipped_by_scan(p, roots, options.include_hidden)}
+        if not paths:
             continue
-        folders = folders_to_rescan(roots, {Path(p) for _, p in changes}, options.max_folders)
+        folders = folders_to_rescan(roots, paths, options.max_folders)
         log.debug("%d changes: rescanning %s", len(changes), folders)
         total.batches += 1
         _do(run, folders, total, on_run, initial=False)

@@ -16,7 +16,7 @@ from transformers import (
     BlipImageProcessorPil,
 )
 
-from blip2_embed.encoder import Blip2Encoder, max_sim
+from blip2_embed.encoder import Blip2Encoder, lm_text_ids, max_sim
 from blip2_embed.errors import ModelNotFoundError
 
 TEXTS = ["a red circle", "two blue squares on a white background", "a tiny green star in the corner"]
@@ -113,6 +113,33 @@ def test_greedy_captions_match_generate_token_for_token(
     assert all(len(row) > 0 for row in got)
     texts = encoder.caption(encoder.vision_features(images), prompt, max_new_tokens=12)
     assert texts == [s.strip() for s in processor.tokenizer.batch_decode(expected, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def test_prompted_captions_start_with_bos_whatever_the_tokenizer(
+    encoder, tiny_checkpoints, tmp_path, sample_images
+):
+    # The same caption checkpoint, but its tokenizer adds no BOS (OPT's adds one; many others none).
+    folder = tmp_path / "caption-no-bos"
+    shutil.copytree(tiny_checkpoints.caption, folder)
+    AutoTokenizer.from_pretrained(folder, add_bos_token=False).save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    prompt = "Question: what is in the picture? Answer:"
+    bos = encoder.caption_model.config.text_config.bos_token_id
+    assert bos not in tok(prompt)["input_ids"]  # the premise
+    assert lm_text_ids(tok, prompt, bos) == [bos, *tok(prompt)["input_ids"]]
+    assert lm_text_ids(tok, None, bos) == [bos]  # the no-prompt path: what stage-2 training starts with
+    no_bos = Blip2Encoder.from_pretrained(None, str(folder), device="cpu", batch_size=4)
+    images = sample_images[:3]
+    # [image] * 32 + [BOS] + prompt either way, so the model answers as with OPT's tokenizer.
+    with_bos = encoder.caption_token_ids(images, prompt, max_new_tokens=12)
+    assert no_bos.caption_token_ids(images, prompt, max_new_tokens=12) == with_bos
+    model = Blip2ForConditionalGeneration.from_pretrained(folder).eval()
+    ids = torch.tensor([[model.config.image_token_index] * 32 + tok(prompt)["input_ids"]] * len(images))
+    pixels = hf_pixels(folder, images)
+    without = model.generate(pixel_values=pixels, input_ids=ids, max_new_tokens=12)[:, ids.shape[1] :]
+    pad = tok.pad_token_id
+    assert [[t for t in row if t != pad] for row in without.tolist()] != with_bos  # BOS matters here
 
 
 def test_shared_vit_is_detected_and_matches_separate_models(

@@ -164,7 +164,7 @@ def test_killed_or_interrupted_runs_resume_to_the_exact_end_state(
         )
         procs.append((proc, marker, sig, base, lib))
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # five cold interpreters at once on a loaded 2-core machine
         waiting = list(procs)
         while waiting:
             for item in list(waiting):

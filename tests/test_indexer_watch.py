@@ -3,6 +3,7 @@ events (watchfiles), a real SQLite catalog, stopped with SIGINT."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import signal
 import sqlite3
@@ -12,7 +13,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from indexer.watch import folders_to_rescan
+import pytest
+
+from indexer.watch import folders_to_rescan, skipped_by_scan
 from tests.test_indexer_cli import REPO, _env
 from tests.test_indexer_support import write_image
 
@@ -72,6 +75,9 @@ def test_watch_indexes_added_and_removed_photos_then_stops_on_sigint(
     try:
         _wait_for(lambda: _catalog(data)[0] == 1, proc, "the initial run's generation")
         assert _catalog(data)[1] == {"a/1.jpg": "indexed", "a/2.jpg": "indexed"}
+        # Between batches too, the watcher is the data folder's one writer.
+        with open(data / "indexer.lock", "a+") as lock, pytest.raises(BlockingIOError):
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
         # A new photo in a new folder: one batch, one generation.
         write_image(lib / "b/3.jpg", 3)
@@ -107,3 +113,13 @@ def test_folders_to_rescan_covers_each_change_with_the_fewest_folders(tmp_path: 
     assert folders_to_rescan([root], changed) == [root]  # a file in the root: the whole root
     assert folders_to_rescan([root], changed[:3], max_folders=1) == [root]
     assert folders_to_rescan([root], [tmp_path / "elsewhere.jpg"]) == [root]
+
+
+def test_changes_the_scan_would_skip_start_no_batch(tmp_path: Path) -> None:
+    root = tmp_path / "lib"
+    assert not skipped_by_scan(root / "a/1.jpg", [root])
+    assert skipped_by_scan(root / "a/.1.jpg.part", [root])  # a download or copy in progress
+    assert skipped_by_scan(root / ".cache/x/1.jpg", [root])
+    assert skipped_by_scan(root / "a/@eaDir/1.jpg", [root])
+    assert not skipped_by_scan(root / ".cache/x/1.jpg", [root], include_hidden=True)
+    assert not skipped_by_scan(tmp_path / ".lib/1.jpg", [tmp_path / ".lib"])  # a hidden root is asked for

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 import tomllib
 import zipfile
 from pathlib import Path
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,39 +60,59 @@ def test_wheel_holds_the_demo_model_the_page_and_the_migrations(wheel: Path) -> 
     }
     assert {f"blip2_search/demo_model/{r}/config.json" for r in ("retrieval", "caption")} <= shipped
     assert shipped <= names, f"missing from the wheel: {sorted(shipped - names)}"
-    assert "search_api/static/index.html" in names
+    assert "search_api/http/static/index.html" in names
     assert any(n.startswith("migrations/versions/") and n.endswith(".py") for n in names)
 
 
 @pytest.mark.slow
-def test_installed_wheel_runs_the_demo_outside_the_repo(wheel: Path, tmp_path: Path) -> None:
-    """The wheel's files, first on the path, from a folder far from the clone: the demo finds its model,
-    indexes with it and exits 0 (--no-serve). The dependencies come from this environment."""
+def test_installed_wheel_serves_the_compose_demo_outside_the_repo(wheel: Path, tmp_path: Path) -> None:
+    """What the compose file's demo service runs, from the wheel's files (first on the path) in a folder
+    far from the clone, offline: the demo finds the packaged model, indexes and serves searches."""
+    from tests.test_deployment import compose
+
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    env = {**os.environ, "PYTHONPATH": str(site), "BLIP2_INDEX_WORKERS": "0", "HF_HUB_OFFLINE": "1"}
+    argv = compose()["services"]["demo"]["command"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv[argv.index("--port") + 1] = str(port)
+    argv[argv.index("--data-dir") + 1] = str(tmp_path / "data")
+    argv[argv.index("--host") + 1] = "127.0.0.1"
+    argv += ["--photos", "12"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BLIP2_", "DATABASE_URL"))}
+    env |= {"PYTHONPATH": str(site), "BLIP2_INDEX_WORKERS": "0", "HF_HUB_OFFLINE": "1"}
     code = (
         "import sys, blip2_search.demo_model as m; from blip2_search.cli import app; "
-        "print(m.DEMO_MODEL_DIR, flush=True); sys.argv = ['blip2-search', *sys.argv[1:]]; app()"
+        "print(m.DEMO_MODEL_DIR, flush=True); sys.argv = sys.argv[1:]; app()"
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            code,
-            "demo",
-            "--no-serve",
-            "--photos",
-            "3",
-            "--data-dir",
-            str(tmp_path / "d"),
-        ],
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *argv],
         cwd=tmp_path,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=240,
     )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0] == str(site / "blip2_search" / "demo_model")
-    assert "generation" in result.stdout and (tmp_path / "d" / "catalog.db").is_file()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the demo never became ready"
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        hits = httpx.get(url + "/api/search", params={"q": "a red circle", "k": 3}, timeout=30).json()["hits"]
+        assert len(hits) == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert out.splitlines()[0] == str(site / "blip2_search" / "demo_model")

@@ -12,12 +12,13 @@ app = typer.Typer(help="Catalog database.", no_args_is_help=True)
 @app.command("upgrade")
 def db_upgrade(database_url: DatabaseUrlOption = None) -> None:
     """Create or migrate the catalog schema to the newest revision (Alembic)."""
-    from catalog.db import upgrade
+    from catalog.db import display_url, upgrade
 
     settings = settings_from(database_url=database_url)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url)
-    typer.echo(f"catalog at {settings.resolved_database_url} is at the newest revision")
+    # Masked: deployments log this line (the compose file's init service).
+    typer.echo(f"catalog at {display_url(settings.resolved_database_url)} is at the newest revision")
 
 
 @app.command("current")

@@ -17,8 +17,13 @@ from blip2_search.commands.common import DatabaseUrlOption, fail, load_encoder, 
 from blip2_search.failures import EXIT_FATAL, EXIT_USAGE, explain
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from rich.console import Console
+
     from blip2_search.settings import Settings
-    from indexer.run import IndexOptions
+    from indexer.run import IndexOptions, IndexTarget, RunSummary
+    from indexer.watch import WatchOptions, WatchSummary
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +91,9 @@ def index(
 
     from catalog.paths import encode_path
     from indexer.progress import FanOut, ProgressSink
-    from indexer.report import (
-        PlainProgress,
-        RichProgress,
-        render_summary,
-        render_watch_summary,
-        report_watch_run,
-    )
-    from indexer.run import IndexOptions, IndexTarget, RunSummary, run_index
-    from indexer.watch import WatchOptions, watch_and_index
+    from indexer.report import PlainProgress, RichProgress, render_summary, render_watch_summary
+    from indexer.run import IndexOptions, IndexTarget, run_index
+    from indexer.watch import WatchOptions
 
     settings = settings_from(
         database_url=database_url,
@@ -144,7 +143,7 @@ def index(
 
     model_engine = None
 
-    def run(folders: list[Path]) -> RunSummary:
+    def run(folders: list[Path], target: IndexTarget = target) -> RunSummary:
         return run_index(
             target, encoder, replace(options, roots=folders), progress=progress, stop=stop,
             model_engine=model_engine,
@@ -159,13 +158,18 @@ def index(
                 settings, caption=caption, address=ray_address, encoders=encoders
             )
         if watch:
-            watched = watch_and_index(
+            watched = _watch(
+                target,
                 list(paths),
                 run,
-                WatchOptions(quiet_seconds=debounce, ignore=_own_folders(settings, options)),
-                stop=stop,
-                on_run=lambda s, initial: report_watch_run(console, s, initial, as_json),
-                on_watching=lambda: console.print(f"watching {len(paths)} folder(s); Ctrl-C stops"),
+                WatchOptions(
+                    quiet_seconds=debounce,
+                    ignore=_own_folders(settings, options),
+                    include_hidden=options.include_hidden,
+                ),
+                stop,
+                console,
+                as_json,
             )
         else:
             summary = run(list(paths))
@@ -189,6 +193,34 @@ def index(
         render_summary(Console(), summary)
     if summary.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _watch(
+    target: IndexTarget,
+    paths: list[Path],
+    run: Callable[[list[Path], IndexTarget], RunSummary],
+    options: WatchOptions,
+    stop: threading.Event,
+    console: Console,
+    as_json: bool,
+) -> WatchSummary:
+    """``--watch``: the data folder's lock is held for the whole watch, not per batch, so a second
+    indexer refuses to start instead of failing a batch later."""
+    from indexer.report import report_watch_run
+    from indexer.watch import watch_and_index
+    from indexer.writer_lock import writer_lock
+
+    assert target.lock_path is not None
+    with writer_lock(target.lock_path):
+        held = replace(target, lock_path=None)
+        return watch_and_index(
+            paths,
+            lambda folders: run(folders, held),
+            options,
+            stop=stop,
+            on_run=lambda s, initial: report_watch_run(console, s, initial, as_json),
+            on_watching=lambda: console.print(f"watching {len(paths)} folder(s); Ctrl-C stops"),
+        )
 
 
 def _own_folders(settings: Settings, options: IndexOptions) -> list[Path]:

@@ -1,4 +1,7 @@
-"""Tiny BLIP-2 checkpoints in Hugging Face format, built offline.
+"""BLIP-2 models from scratch, built offline: shapes, tokenizers from a word list, configs, checkpoints.
+
+Training from a config (``blip2_train.model_setup``) builds its tokenizers and configs here, and so
+do the tiny checkpoints the tests and benchmarks use: same code, production layout.
 
 Model hubs are unreachable where the tests run, so the project makes its own small checkpoints: real
 ``config.json`` + ``model.safetensors`` + ``preprocessor_config.json`` + tokenizer files, written with
