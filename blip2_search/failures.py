@@ -58,6 +58,8 @@ def _explain(exc: BaseException) -> tuple[str, int]:
         return str(exc), EXIT_USAGE
     if isinstance(exc, CatalogError | PortInUseError):
         return str(exc), EXIT_FATAL
+    if type(exc).__name__ == "RayEngineError":  # indexer.ray_engine, imported only with --engine ray
+        return str(exc), EXIT_FATAL
     text = " ".join(str(exc).split())[:500]
     return f"failed: {type(exc).__name__}: {text} (run with --verbose for details)", EXIT_FATAL
 

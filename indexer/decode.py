@@ -102,8 +102,17 @@ def decode_file(path: str, config: DecodeConfig | None = None) -> Decoded | Deco
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError as exc:
-        err = UnreadableImageError(exc.strerror or str(exc), path)
-        return DecodeFailure(None, err.reason, str(err))
+        return read_failure(path, exc)
+    return decode_bytes(data, path, config)
+
+
+def read_failure(path: str, exc: OSError) -> DecodeFailure:
+    err = UnreadableImageError(exc.strerror or str(exc), path)
+    return DecodeFailure(None, err.reason, str(err))
+
+
+def decode_bytes(data: bytes, path: str, config: DecodeConfig) -> Decoded | DecodeFailure:
+    """``decode_file`` after the read: the same for a local file and an object-store one."""
     sha = hashlib.sha256(data).hexdigest()
     spec = config.spec
     # JPEG DCT scaling must keep enough resolution for both the model input and the thumbnail.

@@ -19,9 +19,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
@@ -88,6 +89,24 @@ class IndexOptions:
         return dataclasses.replace(options, **flags)
 
 
+class ModelEngine(Protocol):
+    """Where the decode + model phase runs (default: this process's ``DecodePool`` and encoder;
+    ``indexer.ray_engine.RayEngine`` on a Ray cluster). An engine yields one row per work item and
+    ``Indexer.commit_stream`` commits them as the local loop does (same transactions, same stages)."""
+
+    def embed(self, indexer: Indexer, work: list[WorkItem], summary: RunSummary) -> Iterator[EngineRow]: ...
+
+
+@dataclass
+class EngineRow:
+    """One work item after an engine's decode and model pass (its ``model_input`` need not travel)."""
+
+    item: WorkItem
+    result: Decoded | DecodeFailure
+    embedding: np.ndarray | None = None
+    caption: str | None = None
+
+
 @dataclass
 class _Batch:
     """What the writer commits for one model batch."""
@@ -111,8 +130,10 @@ class Indexer:
         *,
         progress: ProgressSink | None = None,
         stop: threading.Event | None = None,
+        engine: ModelEngine | None = None,
     ) -> None:
         self.sessions = sessions
+        self.engine = engine
         self.encoder = encoder
         self.options = options
         self.progress = progress or ProgressSink()
@@ -273,6 +294,10 @@ class Indexer:
         work = plan.work
         if not work:
             return
+        if self.engine is not None:
+            rows = self.engine.embed(self, work, summary)
+            self.commit_stream(rows, len(work), roots, generation, summary)
+            return
         opts = self.options
         config = self.decode_config()
         workers = min(opts.workers, len(work))
@@ -328,6 +353,73 @@ class Indexer:
                 if (batch or failures) and not summary.interrupted:
                     flush()
         finally:
+            writer.close()
+            self.progress.stop()
+
+    def commit_stream(
+        self,
+        rows: Iterator[EngineRow],
+        total: int,
+        roots: writes.RootIds,
+        generation: int,
+        summary: RunSummary,
+    ) -> None:
+        """Commit an engine's rows in batches of ``batch_size`` decoded images, as ``_embed`` does: the
+        same transactions, the same stages, the same stop after a committed batch."""
+        writer: WriterThread[_Batch] = WriterThread(
+            lambda batch: self._write(batch, roots, generation), self.timings
+        )
+        self.progress.start(total, summary)
+        batch: list[tuple[WorkItem, Decoded]] = []
+        outs: list[tuple[np.ndarray | None, str | None]] = []
+        failures: list[Failure] = []
+        number = 0
+
+        def flush() -> None:
+            nonlocal batch, outs, failures, number
+            number += 1
+            self.progress.stage("embedded", number)
+            embeddings = [e for e, _ in outs]
+            captions = [c for _, c in outs]
+            writer.put(_Batch(number, batch, embeddings, captions, failures))
+            summary.embedded += sum(1 for e in embeddings if e is not None)
+            summary.captioned += sum(1 for c in captions if c is not None)
+            self.progress.advance(len(batch), summary)
+            batch, outs, failures = [], [], []
+
+        try:
+            while True:
+                t0 = time.perf_counter()
+                row = next(rows, None)
+                self.timings.decode_wait += time.perf_counter() - t0
+                if row is None:
+                    break
+                item, result = row.item, row.result
+                if isinstance(result, DecodeFailure):
+                    for f in item.files:
+                        failures.append(Failure(f, result.reason, result.message, result.sha256))
+                        summary.failures.append(FailedFile.of(failures[-1]))
+                    summary.failed = len(summary.failures)
+                    self.progress.advance(1, summary)
+                    continue
+                if result.sha256 != item.sha256:
+                    log.warning("%s changed while being indexed; it will be indexed next run", item.path)
+                    self.progress.advance(1, summary)
+                    continue
+                batch.append((item, result))
+                outs.append((row.embedding, row.caption))
+                if len(batch) >= self.options.batch_size:
+                    flush()
+                    if self.stop.is_set():
+                        summary.interrupted = True
+                        log.warning("interrupted: stopping after the committed batches")
+                        break
+            if (batch or failures) and not summary.interrupted:
+                flush()
+        finally:
+            close = getattr(rows, "close", None)
+            if close is not None:
+                close()  # an engine's generator releases its cluster work
             writer.close()
             self.progress.stop()
 

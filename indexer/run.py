@@ -19,7 +19,7 @@ from catalog.db import make_engine, session_factory, upgrade
 from catalog.index_store import VectorIndexOptions
 from indexer.backfill import backfill_model_inputs
 from indexer.index_sync import catch_up_index
-from indexer.phases import Indexer, IndexOptions, default_workers
+from indexer.phases import Indexer, IndexOptions, ModelEngine, default_workers
 from indexer.progress import ProgressSink
 from indexer.summary import RunSummary
 from indexer.writer_lock import writer_lock
@@ -57,9 +57,11 @@ def run_index(
     *,
     progress: ProgressSink | None = None,
     stop: threading.Event | None = None,
+    model_engine: ModelEngine | None = None,
 ) -> RunSummary:
     """Index ``options.roots`` into ``target`` once (see the module docstring). ``stop`` (set by a
-    SIGINT handler) ends the run after the batch in hand, committed and published."""
+    SIGINT handler) ends the run after the batch in hand, committed and published. ``model_engine`` runs
+    the decode + model phase elsewhere (``indexer.ray_engine``; default: this process)."""
     if target.lock_path is not None:
         target.lock_path.parent.mkdir(parents=True, exist_ok=True)  # the data folder (a dry run's SQLite)
     with contextlib.ExitStack() as held:
@@ -68,7 +70,9 @@ def run_index(
         upgrade(target.database_url)  # a dry run too: it reads an (empty) schema
         engine = make_engine(target.database_url)
         held.callback(engine.dispose)
-        indexer = Indexer(session_factory(engine), encoder, options, progress=progress, stop=stop)
+        indexer = Indexer(
+            session_factory(engine), encoder, options, progress=progress, stop=stop, engine=model_engine
+        )
         summary = indexer.run()
         if summary.dry_run:
             return summary

@@ -8,8 +8,9 @@ import pytest
 
 from blip2_train.scratch import TinyCheckpoints, build_tiny_checkpoints
 
-# Catalog fixtures (SQLite and Postgres variants of a migrated catalog) live in their own module.
-pytest_plugins = ["tests.conftest_catalog"]
+# Catalog fixtures (SQLite and Postgres variants of a migrated catalog) and the Ray ones live in their
+# own modules.
+pytest_plugins = ["tests.conftest_catalog", "tests.conftest_ray"]
 
 
 @pytest.fixture(scope="session")

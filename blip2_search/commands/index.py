@@ -71,6 +71,15 @@ def index(
         float,
         typer.Option(min=0.05, max=3600, help="--watch: seconds without changes before a batch runs."),
     ] = 2.0,
+    engine_name: Annotated[
+        str, typer.Option("--engine", help="Where decoding and the model run: local (this process) or ray.")
+    ] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(help="--engine ray: join this cluster (default: start a local Ray).")
+    ] = None,
+    encoders: Annotated[
+        int | None, typer.Option(min=1, help="--engine ray: encoder actors (default: from the cluster).")
+    ] = None,
 ) -> None:
     """Index photo folders: new and changed photos are embedded, moved ones keep their embedding,
     deleted ones leave the index. Safe to interrupt; the next run continues.
@@ -100,6 +109,8 @@ def index(
             fail(f"not a folder: {encode_path(p)}", EXIT_USAGE)
     if watch and dry_run:
         fail("--watch and --dry-run do not go together", EXIT_USAGE)
+    if engine_name not in ("local", "ray"):
+        fail(f"--engine is local or ray, not {engine_name!r}", EXIT_USAGE)
 
     encoder = load_encoder(settings, caption=caption)  # exits 3 when a model is missing
     options = IndexOptions.from_settings(
@@ -130,10 +141,22 @@ def index(
     previous = signal.signal(signal.SIGINT, on_sigint)
     target = IndexTarget.from_settings(settings)
 
+    model_engine = None
+
     def run(folders: list[Path], target: IndexTarget = target) -> RunSummary:
-        return run_index(target, encoder, replace(options, roots=folders), progress=progress, stop=stop)
+        return run_index(
+            target, encoder, replace(options, roots=folders), progress=progress, stop=stop,
+            model_engine=model_engine,
+        )  # fmt: skip
 
     try:
+        if engine_name == "ray" and not dry_run:
+            from indexer.ray_engine import engine_from_settings
+
+            # Joins (or starts) Ray; a refused token or a SQLite catalog on a cluster: one line, exit 1.
+            model_engine = engine_from_settings(
+                settings, caption=caption, address=ray_address, encoders=encoders
+            )
         if watch:
             watched = _watch(
                 target,

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from blip2_search.commands.common import DatabaseUrlOption, load_encoder, settings_from
+from blip2_search.commands.common import DatabaseUrlOption, fail, load_encoder, settings_from
+from blip2_search.failures import EXIT_USAGE
 
 
 def serve(
@@ -18,6 +19,14 @@ def serve(
     database_url: DatabaseUrlOption = None,
     log_level: Annotated[
         str | None, typer.Option(help="uvicorn log level (default: info with --verbose, else warning).")
+    ] = None,
+    engine_name: Annotated[
+        str, typer.Option("--engine", help="local (one process) or ray (sharded index, model replicas).")
+    ] = "local",
+    shards: Annotated[int, typer.Option(min=1, help="--engine ray: index shards.")] = 2,
+    model_replicas: Annotated[int, typer.Option(min=1, help="--engine ray: model replica actors.")] = 1,
+    ray_address: Annotated[
+        str | None, typer.Option(help="--engine ray: join this cluster (default: start a local Ray).")
     ] = None,
 ) -> None:
     """Serve the search API and the web page (uvicorn, one process: the models load once)."""
@@ -33,7 +42,17 @@ def serve(
 
     from search_api.app import create_app
 
-    app = create_app(settings, encoder=load_encoder(settings))
+    if engine_name not in ("local", "ray"):
+        fail(f"--engine is local or ray, not {engine_name!r}", EXIT_USAGE)
+    if engine_name == "ray":
+        from indexer.ray_engine import connect
+        from search_api.scaleout.assembly import ShardLayout, create_sharded_app
+
+        connect(ray_address)  # a refused token or an unreachable cluster: one line (exit 1)
+        layout = ShardLayout(shards=shards, model_replicas=model_replicas)
+        app = create_sharded_app(settings, layout, encoder=load_encoder(settings))
+    else:
+        app = create_app(settings, encoder=load_encoder(settings))
     # One worker process: the model worker thread owns the accelerator; more processes would each load
     # the models. Concurrency comes from the event loop plus request batching.
     if log_level is None:  # uvicorn's INFO lines, like ours, only with --verbose

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -26,13 +26,20 @@ from search_api.service import SearchService
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
-def create_app(settings: Settings, *, encoder: Blip2Encoder | None = None) -> FastAPI:
-    """Build the app. ``encoder`` skips loading checkpoints (tests share one across apps)."""
+def create_app(
+    settings: Settings,
+    *,
+    encoder: Blip2Encoder | None = None,
+    service: Callable[[], AbstractAsyncContextManager[SearchService]] | None = None,
+) -> FastAPI:
+    """Build the app. ``encoder`` skips loading checkpoints (tests share one across apps); ``service``
+    runs another ``SearchService`` behind the same routes (``search_api.scaleout``: shards on Ray)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with SearchService.running(settings, encoder) as service:
-            app.state.blip2 = service
+        running = service() if service is not None else SearchService.running(settings, encoder)
+        async with running as service_:
+            app.state.blip2 = service_
             try:
                 yield
             finally:

@@ -126,4 +126,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return problem(service_status(exc), exc.detail, code=exc.code)
+        retry = getattr(exc, "retry_after_seconds", None)
+        headers = {"Retry-After": str(retry)} if retry is not None else None
+        return problem(service_status(exc), exc.detail, code=exc.code, headers=headers)

@@ -45,4 +45,11 @@ class NotConfigured(ServiceError):
 
 
 class Unavailable(ServiceError):
-    """A server-side state the caller can only wait out or report (the catalog unreachable)."""
+    """A server-side state the caller can only wait out or report (the catalog unreachable, an index
+    shard restarting); ``retry_after_seconds``: when a retry is worth it, if known."""
+
+    def __init__(
+        self, detail: str, *, code: str | None = None, retry_after_seconds: int | None = None
+    ) -> None:
+        super().__init__(detail, code=code)
+        self.retry_after_seconds = retry_after_seconds
