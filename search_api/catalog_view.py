@@ -39,6 +39,14 @@ class CatalogView:
         with self._sessions() as s:
             return repo.load_embeddings(s, [image_id], model_key).get(image_id)
 
+    def vectors_many(self, ids: Iterable[int], model_key: str) -> dict[int, np.ndarray]:
+        with self._sessions() as s:
+            return repo.load_embeddings(s, ids, model_key)
+
+    def facets(self) -> repo.LibraryFacets:
+        with self._sessions() as s:
+            return repo.library_facets(s)
+
     # ------------------------------------------------------------------ images and files
     def image_infos(self, ids: Iterable[int]) -> dict[int, ImageInfo]:
         """Images among ``ids`` that still have a live file (a hit whose files all went is dropped)."""
@@ -56,6 +64,7 @@ class CatalogView:
         path_prefix: str | None = None,
         captured_from: dt.datetime | None = None,
         captured_to: dt.datetime | None = None,
+        camera: str | None = None,
     ) -> set[int]:
         """Ids of live images with a file matching every given filter (see ``repo.filter_image_ids``).
 
@@ -76,6 +85,7 @@ class CatalogView:
                 path_prefix=path_prefix or None,
                 captured_after=None if captured_from is None else captured_from.replace(tzinfo=None),
                 captured_before=None if captured_to is None else captured_to.replace(tzinfo=None),
+                camera=camera or None,
             )
         return {int(i) for i in ids}
 

@@ -52,11 +52,11 @@ class Filters:
     path_prefix: str | None = None
     captured_from: object | None = None
     captured_to: object | None = None
+    camera: str | None = None
 
     def any(self) -> bool:
-        return any(
-            v not in (None, "") for v in (self.root, self.path_prefix, self.captured_from, self.captured_to)
-        )
+        values = (self.root, self.path_prefix, self.captured_from, self.captured_to, self.camera)
+        return any(v not in (None, "") for v in values)
 
 
 @dataclass
@@ -87,6 +87,7 @@ async def allowed_ids(state: AppState, filters: Filters, timer: Timer) -> set[in
             path_prefix=filters.path_prefix,
             captured_from=filters.captured_from,
             captured_to=filters.captured_to,
+            camera=filters.camera,
         )
 
 

@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse, Response
 from blip2_embed.images import SNIFF_BYTES, sniff_format
 from blip2_search.settings import Settings
 from catalog.paths import encode_path
+from search_api.browse import display_image
 from search_api.deps import State
 from search_api.errors import ApiError
 from search_api.routes.common import IdPath, api_router, problems
@@ -65,6 +66,19 @@ def build(settings: Settings) -> APIRouter:
             raise ApiError(404, f"no readable image with id {image_id}", code="unknown-image")
         media = _MEDIA_TYPES.get(sniff_format(data[:SNIFF_BYTES]) or "", "image/jpeg")
         return Response(content=data, media_type=media, headers=_CACHE)
+
+    @router.get(
+        "/{image_id}/display",
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}}, **problems(401, 404, 422)},
+    )
+    async def display(state: State, image_id: IdPath) -> Response:
+        """A JPEG of the original for viewing (longer side at most ``display_max_side``), converted on the
+        server whatever the original's format (HEIC, AVIF, TIFF, ... that browsers may not show)."""
+        data = await asyncio.to_thread(display_image, state, image_id)
+        if data is None:
+            raise ApiError(404, f"no readable image with id {image_id}", code="unknown-image")
+        return Response(content=data, media_type="image/jpeg", headers=_CACHE)
 
     @router.get(
         "/{image_id}/original",
