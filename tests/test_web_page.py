@@ -121,9 +121,11 @@ def _open(browser, url: str, **context_args):
     """A page in a fresh context that records requests leaving the origin and script errors."""
     context = browser.new_context(**context_args)
     page = context.new_page()
-    origin = url.split("/", 3)[:3]
+    origin = "/".join(url.split("/", 3)[:3])
     page.external, page.errors = [], []  # type: ignore[attr-defined]
-    page.on("request", lambda r: None if r.url.split("/", 3)[:3] == origin else page.external.append(r.url))
+    # blob: URLs of the origin are the page's own (object URLs of fetched or dropped images).
+    local = (origin + "/", f"blob:{origin}/")
+    page.on("request", lambda r: None if r.url.startswith(local) else page.external.append(r.url))
     page.on("pageerror", lambda e: page.errors.append(str(e)))
     page.goto(url)
     return context, page
@@ -270,7 +272,7 @@ def test_search_scores_and_the_cut_off(page, server) -> None:
         page.wait_for_timeout(300)
     page.wait_for_function("(n) => document.querySelectorAll('#results li.hit').length === n", arg=len(ranking))
     assert shown_ids(page) == [h["image_id"] for h in ranking]
-    assert page.locator("#results li.weak").first.locator(".scores").inner_text().startswith("similarity ")
+    assert page.locator("#results li.weak").last.locator(".scores").inner_text().startswith("similarity ")
     assert int(url_params(page)["page"]) == -(-len(ranking) // PAGE_SIZE)
     captioned = page.eval_on_selector_all("#results li.hit", "els => els.map(e => e.dataset.captioned)")
     assert captioned[:4] == ["true"] * 4 and "true" not in captioned[PAGE_SIZE:]
@@ -281,6 +283,7 @@ def test_search_scores_and_the_cut_off(page, server) -> None:
 
 
 def test_filters_url_reload_and_back(page, server, ids) -> None:
+    page.fill("#rerank", "0")  # no cut-off: every hit shown
     search(page, "blue sky")
     first = shown_ids(page)
     page.select_option("#camera", "Canon EOS R6")
@@ -300,10 +303,17 @@ def test_filters_url_reload_and_back(page, server, ids) -> None:
     page.reload()
     page.wait_for_function("() => document.querySelectorAll('#results li.hit').length === 1")
     assert page.input_value("#folder") == "2023/trip" and page.input_value("#sort") == "date"
-    # Back, filter by filter, to the unfiltered search.
-    for _ in range(5):
+    # Back, filter by filter (the camera, then the cleared camera, ...), to the unfiltered search.
+    for _ in range(8):
+        if not set(url_params(page)) & {"folder", "from", "sort"}:
+            break
         page.go_back()
-    page.wait_for_function("() => !location.search.includes('folder') && !location.search.includes('camera')")
+    assert "camera" not in url_params(page)  # the camera filter cleared
+    page.go_back()
+    page.wait_for_function("() => document.querySelectorAll('#results li.hit').length === 2")
+    assert url_params(page)["camera"] == "Canon EOS R6" and page.input_value("#camera") == "Canon EOS R6"
+    page.go_back()
+    assert url_params(page)["q"] == "blue sky" and "camera" not in url_params(page)
     page.wait_for_function("(n) => document.querySelectorAll('#results li.hit').length >= n", arg=len(first))
     assert shown_ids(page)[: len(first)] == first and page.input_value("#folder") == ""
 
@@ -329,12 +339,15 @@ def test_viewer_keyboard_download_caption_and_ask(page, server, ids) -> None:
     page.keyboard.press("ArrowLeft")
     page.keyboard.press("ArrowLeft")
     page.wait_for_function("(id) => document.querySelector('#detail').dataset.imageId === String(id)", arg=order[0])
-    # Past the captioned hits: the caption is made on demand and is the API's (cached) caption.
-    for _ in range(4):
+    # A hit with no caption yet (other tests cache some): the viewer makes it on demand, and it is
+    # the caption the API then has cached.
+    loaded = shown_ids(page)
+    target = next(n for n, i in enumerate(loaded) if api(server, f"/api/images/{i}")["caption"] is None)
+    for _ in range(target):
         page.keyboard.press("ArrowRight")
-    page.wait_for_function("(id) => document.querySelector('#detail').dataset.imageId === String(id)", arg=order[4])
-    page.wait_for_function("() => !document.querySelector('#detail-caption').textContent.includes('Captioning')")
-    expected = httpx.post(server.url + "/api/caption", json={"image_id": order[4]}).json()
+    page.wait_for_function("(id) => document.querySelector('#detail').dataset.imageId === String(id)", arg=loaded[target])
+    page.wait_for_function("() => !['', 'Captioning…'].includes(document.querySelector('#detail-caption').textContent)")
+    expected = httpx.post(server.url + "/api/caption", json={"image_id": loaded[target]}).json()
     assert expected["cached"] is True and len(captions) == 1
     assert page.inner_text("#detail-caption") in (expected["text"], "(the model gave an empty caption)")
     assert "ITC" in page.inner_text("#detail-meta")
@@ -342,7 +355,7 @@ def test_viewer_keyboard_download_caption_and_ask(page, server, ids) -> None:
     page.fill("#ask-q", "what colour is it?")
     page.press("#ask-q", "Enter")
     page.wait_for_function("() => !['', 'Thinking…'].includes(document.querySelector('#ask-answer').textContent)")
-    assert json.loads(asks[0]) == {"image_id": order[4], "prompt": "Question: what colour is it? Answer:"}
+    assert json.loads(asks[0]) == {"image_id": loaded[target], "prompt": "Question: what colour is it? Answer:"}
     answer = httpx.post(server.url + "/api/caption", json=json.loads(asks[0])).json()["text"].strip()
     assert page.inner_text("#ask-answer") == (answer or "(no answer)")
     page.keyboard.press("Escape")
@@ -366,7 +379,7 @@ def test_image_queries_chip_drop_and_paste(page, server, ids, tmp_path: Path) ->
     page.locator(f"#results li.hit[data-image-id='{ids['original']}'] .similar").click()
     page.wait_for_function("() => !document.querySelector('#query-chip').hidden")
     page.wait_for_function("() => document.querySelector('#chip-image').naturalWidth > 0")
-    assert url_params(page) == {"mode": "similar", "id": str(ids["original"])}
+    assert url_params(page).items() >= {"mode": "similar", "id": str(ids["original"])}.items()
     page.wait_for_function("() => /matches/.test(document.querySelector('#status').textContent)")
     assert ids["original"] not in shown_ids(page) and page.is_hidden("#q")
 
@@ -448,8 +461,8 @@ def test_key_prompt_and_empty_library(browser, tmp_path_factory, tiny_checkpoint
 
     base = tmp_path_factory.mktemp("web-empty")
     settings = Settings(
-        data_dir=base / "data", retrieval_model=str(tiny_checkpoints.retrieval), device="cpu",
-        api_keys=API_KEY, api_auth_all=True,
+        data_dir=base / "data", retrieval_model=str(tiny_checkpoints.retrieval), caption_model="",
+        device="cpu", api_keys=API_KEY, api_auth_all=True,
     )  # fmt: skip
     settings.data_dir.mkdir(parents=True)
     upgrade(settings.resolved_database_url)

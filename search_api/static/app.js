@@ -11,7 +11,7 @@ let st = {};
 // invalidates answers of a search that was replaced meanwhile.
 let hits = [];
 let nextOffset = null;
-let loading = false;
+let loading = 0;  // the token of the search whose page is being fetched, 0 when none
 let token = 0;
 let queryImage = null;  // the Blob of an image search
 let lastTotalMs = 0;
@@ -153,9 +153,9 @@ async function runSearch() {
 }
 
 async function loadPage() {
-  if (loading || nextOffset === null) return false;
-  loading = true;
   const mine = token;
+  if (loading === mine || nextOffset === null) return false;
+  loading = mine;
   setStatus(hits.length ? "Loading more…" : "Searching…");
   try {
     const data = await fetchPage(nextOffset);
@@ -174,14 +174,14 @@ async function loadPage() {
     if (mine === token) fail(err);
     return false;
   } finally {
-    loading = false;
+    if (loading === mine) loading = 0;
   }
 }
 
 // Infinite scroll: the sentinel below the grid loads the next page when it comes near the viewport.
 // With weaker matches hidden, pages of weaker matches only would load without end: stop at the first.
 function mayLoadMore() {
-  if (nextOffset === null || loading || !st.mode) return false;
+  if (nextOffset === null || loading === token || !st.mode) return false;
   if (st.weak !== "1" && hits.length) {
     const lastPage = hits.slice(-config.page_size);
     if (lastPage.every((h) => isWeak(h))) return false;
