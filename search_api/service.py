@@ -128,10 +128,10 @@ async def rank_and_page(
     if not depth and caption_hits:
         work_ids = [c.image_id for c in cands[offset : offset + caption_hits] if c.image_id not in cached]
     elif depth and caption_hits:
-        # Page hits past the re-rank depth keep their ITC order, so they are known now.
-        work_ids += [
-            c.image_id for c in cands[depth:end][: caption_hits] if c.image_id not in cached
-        ]  # fmt: skip
+        # Page hits past the re-rank depth keep their ITC order (ordered[i] is cands[i] there), so the
+        # ones among the page's first `caption_hits` are known now.
+        first = cands[max(depth, offset) : offset + caption_hits]
+        work_ids += [c.image_id for c in first if c.image_id not in cached]
     work_ids = list(dict.fromkeys(work_ids))
     result: ScoreResult | None = None
     rows: dict[int, int] = {}

@@ -149,7 +149,8 @@ def api(server, path: str, **params) -> dict:
 
 def shown_ids(page) -> list[int]:
     return page.eval_on_selector_all(
-        "#results li.hit", "els => els.filter(e => e.offsetParent !== null).map(e => Number(e.dataset.imageId))"
+        "#results li.hit",
+        "els => els.filter(e => e.offsetParent !== null).map(e => Number(e.dataset.imageId))",
     )
 
 
@@ -157,10 +158,31 @@ def url_params(page) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(urlparse(page.url).query).items()}
 
 
+def wait_results(page) -> None:
+    page.wait_for_function("() => /matches|No results/.test(document.querySelector('#status').textContent)")
+
+
+def wait_count(page, n: int, op: str = "===") -> None:
+    page.wait_for_function(f"(n) => document.querySelectorAll('#results li.hit').length {op} n", arg=n)
+
+
+def wait_viewing(page, image_id: int) -> None:
+    page.wait_for_function(
+        "(i) => document.querySelector('#detail').dataset.imageId === String(i)", arg=image_id
+    )
+
+
+def wait_text(page, selector: str, *not_: str) -> None:
+    """Until ``selector``'s text is none of ``not_`` (placeholders while a request runs)."""
+    page.wait_for_function(
+        "([sel, not_]) => !not_.includes(document.querySelector(sel).textContent)", arg=[selector, list(not_)]
+    )
+
+
 def search(page, text: str) -> None:
     page.fill("#q", text)
     page.press("#q", "Enter")
-    page.wait_for_function("() => /matches|No results/.test(document.querySelector('#status').textContent)")
+    wait_results(page)
 
 
 # ------------------------------------------------------------------ the API the page uses
@@ -223,7 +245,9 @@ def test_display_images_and_duplicate_groups(server, ids) -> None:
 
 def test_docs_work_offline(browser, server) -> None:
     html = httpx.get(server.url + "/docs").text
-    assets = [a for a in ("/docs/assets/swagger-ui.css", "/docs/assets/swagger-ui-bundle.js", "/static/docs.js")]
+    assets = [
+        a for a in ("/docs/assets/swagger-ui.css", "/docs/assets/swagger-ui-bundle.js", "/static/docs.js")
+    ]
     assert all(a in html for a in assets)
     for a in assets:
         assert httpx.get(server.url + a).status_code == 200
@@ -253,7 +277,7 @@ def test_search_scores_and_the_cut_off(page, server) -> None:
     # Weaker: re-ranked below the cut-off, or past the re-rank depth (not checked by the ITM head).
     weak = [h for h in ranking if not h["reranked"] or h["itm_prob"] < config["weak_match_prob"]]
     strong = [h for h in ranking if h not in weak]
-    page.wait_for_function("(n) => document.querySelectorAll('#results li.hit').length >= n", arg=PAGE_SIZE)
+    wait_count(page, PAGE_SIZE, ">=")
     assert shown_ids(page) == [h["image_id"] for h in strong]
     for li, hit in zip(page.locator("#results li.hit:visible").all(), strong, strict=True):
         assert li.locator(".scores").inner_text() == f"{round(hit['itm_prob'] * 100)}% match"
@@ -270,15 +294,20 @@ def test_search_scores_and_the_cut_off(page, server) -> None:
         if page.locator("#results li.hit").count() == len(ranking):
             break
         page.wait_for_timeout(300)
-    page.wait_for_function("(n) => document.querySelectorAll('#results li.hit').length === n", arg=len(ranking))
+    page.wait_for_function(
+        "(n) => document.querySelectorAll('#results li.hit').length === n", arg=len(ranking)
+    )
     assert shown_ids(page) == [h["image_id"] for h in ranking]
     assert page.locator("#results li.weak").last.locator(".scores").inner_text().startswith("similarity ")
     assert int(url_params(page)["page"]) == -(-len(ranking) // PAGE_SIZE)
+    # Each page captions its first 4 hits (the Captions field).
     captioned = page.eval_on_selector_all("#results li.hit", "els => els.map(e => e.dataset.captioned)")
-    assert captioned[:4] == ["true"] * 4 and "true" not in captioned[PAGE_SIZE:]
+    assert captioned == [str(n % PAGE_SIZE < 4).lower() for n in range(len(ranking))]
     # Reload: the same hits, all the loaded pages back.
     page.reload()
-    page.wait_for_function("(n) => document.querySelectorAll('#results li.hit').length === n", arg=len(ranking))
+    page.wait_for_function(
+        "(n) => document.querySelectorAll('#results li.hit').length === n", arg=len(ranking)
+    )
     assert page.input_value("#q") == "a red dog on the beach" and page.input_value("#rerank") == "4"
 
 
@@ -288,20 +317,22 @@ def test_filters_url_reload_and_back(page, server, ids) -> None:
     first = shown_ids(page)
     page.select_option("#camera", "Canon EOS R6")
     page.wait_for_function("() => !location.search.includes('page=0') && location.search.includes('camera=')")
-    page.wait_for_function("() => document.querySelectorAll('#results li.hit').length === 2")
-    assert sorted(int(i) for i in page.eval_on_selector_all("#results li.hit", "e => e.map(x => x.dataset.imageId)")) == sorted([ids["canon_a"], ids["canon_b"]])
+    wait_count(page, 2)
+    assert sorted(
+        int(i) for i in page.eval_on_selector_all("#results li.hit", "e => e.map(x => x.dataset.imageId)")
+    ) == sorted([ids["canon_a"], ids["canon_b"]])
     page.select_option("#camera", "")
     page.select_option("#folder", "2023/trip")
     page.fill("#from", "2023-06-01")
     page.dispatch_event("#from", "change")
     page.select_option("#sort", "date")
     page.wait_for_function("() => location.search.includes('sort=date')")
-    page.wait_for_function("() => document.querySelectorAll('#results li.hit').length === 1")
+    wait_count(page, 1)
     assert shown_ids(page) == [ids["heic"]]  # the dated photo of 2023/trip (the TIFF has no date)
     params = url_params(page)
     assert params["folder"] == "2023/trip" and params["from"] == "2023-06-01" and params["q"] == "blue sky"
     page.reload()
-    page.wait_for_function("() => document.querySelectorAll('#results li.hit').length === 1")
+    wait_count(page, 1)
     assert page.input_value("#folder") == "2023/trip" and page.input_value("#sort") == "date"
     # Back, filter by filter (the camera, then the cleared camera, ...), to the unfiltered search.
     for _ in range(8):
@@ -310,18 +341,28 @@ def test_filters_url_reload_and_back(page, server, ids) -> None:
         page.go_back()
     assert "camera" not in url_params(page)  # the camera filter cleared
     page.go_back()
-    page.wait_for_function("() => document.querySelectorAll('#results li.hit').length === 2")
+    wait_count(page, 2)
     assert url_params(page)["camera"] == "Canon EOS R6" and page.input_value("#camera") == "Canon EOS R6"
     page.go_back()
     assert url_params(page)["q"] == "blue sky" and "camera" not in url_params(page)
-    page.wait_for_function("(n) => document.querySelectorAll('#results li.hit').length >= n", arg=len(first))
+    wait_count(page, len(first, ">="))
     assert shown_ids(page)[: len(first)] == first and page.input_value("#folder") == ""
 
 
-def test_viewer_keyboard_download_caption_and_ask(page, server, ids) -> None:
+def forget_captions(library, image_id: int) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(library[0].resolved_database_url)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM captions WHERE image_id = :i"), {"i": image_id})
+    engine.dispose()
+
+
+def test_viewer_keyboard_download_caption_and_ask(page, server, library) -> None:
     page.fill("#rerank", "0")  # no cut-off: every hit shown
+    page.fill("#captions", "0")  # the viewer shows cached captions, and makes missing ones
     search(page, "holiday photos")
-    page.wait_for_function("(n) => document.querySelectorAll('#results li.hit').length >= n", arg=PAGE_SIZE)
+    wait_count(page, PAGE_SIZE, ">=")
     order = shown_ids(page)
     captions, asks = [], []
     page.on("request", lambda r: (asks if "prompt" in (r.post_data or "") else captions).append(r.post_data)
@@ -333,29 +374,38 @@ def test_viewer_keyboard_download_caption_and_ask(page, server, ids) -> None:
     assert page.get_attribute("#detail-image", "src").endswith(f"/api/images/{order[1]}/display")
     assert page.get_attribute("#detail-original", "href") == f"/api/images/{order[1]}/original"
     assert page.get_attribute("#detail-original", "download") is not None
-    # The first page had 4 captions; this hit's was made with the search, the viewer asks for none.
     page.keyboard.press("ArrowRight")
-    page.wait_for_function("(id) => document.querySelector('#detail').dataset.imageId === String(id)", arg=order[2])
+    page.wait_for_function(
+        "(id) => document.querySelector('#detail').dataset.imageId === String(id)", arg=order[2]
+    )
     page.keyboard.press("ArrowLeft")
     page.keyboard.press("ArrowLeft")
-    page.wait_for_function("(id) => document.querySelector('#detail').dataset.imageId === String(id)", arg=order[0])
-    # A hit with no caption yet (other tests cache some): the viewer makes it on demand, and it is
-    # the caption the API then has cached.
-    loaded = shown_ids(page)
-    target = next(n for n, i in enumerate(loaded) if api(server, f"/api/images/{i}")["caption"] is None)
-    for _ in range(target):
-        page.keyboard.press("ArrowRight")
-    page.wait_for_function("(id) => document.querySelector('#detail').dataset.imageId === String(id)", arg=loaded[target])
-    page.wait_for_function("() => !['', 'Captioning…'].includes(document.querySelector('#detail-caption').textContent)")
-    expected = httpx.post(server.url + "/api/caption", json={"image_id": loaded[target]}).json()
-    assert expected["cached"] is True and len(captions) == 1
+    page.wait_for_function(
+        "(id) => document.querySelector('#detail').dataset.imageId === String(id)", arg=order[0]
+    )
+    # A hit with no caption (its cached one removed from the catalog): the viewer makes it on demand,
+    # and it is the caption the API then has cached.
+    forget_captions(library, order[3])
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function(
+        "(id) => document.querySelector('#detail').dataset.imageId === String(id)", arg=order[3]
+    )
+    page.wait_for_function(
+        "() => !['', 'Captioning…'].includes(document.querySelector('#detail-caption').textContent)"
+    )
+    expected = httpx.post(server.url + "/api/caption", json={"image_id": order[3]}).json()
+    assert expected["cached"] is True and [json.loads(c)["image_id"] for c in captions].count(order[3]) == 1
     assert page.inner_text("#detail-caption") in (expected["text"], "(the model gave an empty caption)")
     assert "ITC" in page.inner_text("#detail-meta")
     # Ask about this photo: the BLIP-2 prompt format, the model's answer shown.
     page.fill("#ask-q", "what colour is it?")
     page.press("#ask-q", "Enter")
-    page.wait_for_function("() => !['', 'Thinking…'].includes(document.querySelector('#ask-answer').textContent)")
-    assert json.loads(asks[0]) == {"image_id": loaded[target], "prompt": "Question: what colour is it? Answer:"}
+    page.wait_for_function(
+        "() => !['', 'Thinking…'].includes(document.querySelector('#ask-answer').textContent)"
+    )
+    assert json.loads(asks[0]) == {"image_id": order[3], "prompt": "Question: what colour is it? Answer:"}
     answer = httpx.post(server.url + "/api/caption", json=json.loads(asks[0])).json()["text"].strip()
     assert page.inner_text("#ask-answer") == (answer or "(no answer)")
     page.keyboard.press("Escape")
@@ -373,46 +423,62 @@ def test_heic_and_tiff_shown_converted(page, server, ids) -> None:
         page.keyboard.press("Escape")
 
 
-def test_image_queries_chip_drop_and_paste(page, server, ids, tmp_path: Path) -> None:
+DROP_OR_PASTE = """([data, kind]) => {
+    const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+    const dt = new DataTransfer();
+    dt.items.add(new File([bytes], 'q.jpg', {type: 'image/jpeg'}));
+    const ev = kind === 'paste' ? new ClipboardEvent('paste', {clipboardData: dt})
+        : new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true});
+    document.dispatchEvent(ev);
+}"""
+
+
+def loaded_ids(page) -> list[int]:
+    return page.eval_on_selector_all("#results li.hit", "els => els.map(e => Number(e.dataset.imageId))")
+
+
+def assert_shows(page, ranking: list[dict], cut: float) -> None:
+    """The page holds a prefix of ``ranking`` (pages load as the viewport allows) and shows its hits
+    at or above the similarity cut-off."""
+    wait_count(page, PAGE_SIZE, ">=")
+    loaded = loaded_ids(page)
+    assert loaded == [h["image_id"] for h in ranking[: len(loaded)]]
+    assert shown_ids(page) == [h["image_id"] for h in ranking[: len(loaded)] if h["score"] >= cut]
+
+
+def test_image_queries_chip_drop_and_paste(page, server, ids) -> None:
+    cut = api(server, "/api/config")["weak_similarity"]
     page.fill("#rerank", "0")
     search(page, "blue sky")
     page.locator(f"#results li.hit[data-image-id='{ids['original']}'] .similar").click()
-    page.wait_for_function("() => !document.querySelector('#query-chip').hidden")
     page.wait_for_function("() => document.querySelector('#chip-image').naturalWidth > 0")
+    assert page.inner_text("#chip-label") == "Like this photo" and page.is_hidden("#q")
     assert url_params(page).items() >= {"mode": "similar", "id": str(ids["original"])}.items()
-    page.wait_for_function("() => /matches/.test(document.querySelector('#status').textContent)")
-    assert ids["original"] not in shown_ids(page) and page.is_hidden("#q")
+    wait_results(page)
+    assert_shows(page, api(server, f"/api/search/similar/{ids['original']}", k=100)["hits"], cut)
 
-    data = base64.b64encode(jpeg_bytes(3, (48, 36))).decode()
-    similar = api(server, f"/api/search/similar/{ids['original']}", k=PAGE_SIZE)
-    drop = """([data, kind]) => {
-        const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
-        const dt = new DataTransfer();
-        dt.items.add(new File([bytes], 'q.jpg', {type: 'image/jpeg'}));
-        if (kind === 'paste') document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt}));
-        else document.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
-    }"""
-    expected = httpx.post(
-        server.url + "/api/search/image", data={"k": str(PAGE_SIZE)}, files={"file": ("q.jpg", jpeg_bytes(3, (48, 36)))}
-    ).json()["hits"]
-    strong = [h["image_id"] for h in expected if h["score"] >= api(server, "/api/config")["weak_similarity"]]
-    for kind in ("drop", "paste"):
-        page.evaluate("() => { document.querySelector('#results').replaceChildren(); }")
-        page.evaluate(drop, [data, kind])
-        page.wait_for_function("() => /matches|No results/.test(document.querySelector('#status').textContent)")
+    for seed, kind in [(3, "drop"), (4, "paste")]:
+        image = jpeg_bytes(seed, (48, 36))
+        files = {"file": ("q.jpg", image)}
+        ranking = httpx.post(server.url + "/api/search/image", data={"k": "100"}, files=files).json()["hits"]
+        page.evaluate(DROP_OR_PASTE, [base64.b64encode(image).decode(), kind])
+        page.wait_for_function("(id) => document.querySelector('#results li.hit')?.dataset.imageId === id",
+                               arg=str(ranking[0]["image_id"]))  # fmt: skip
+        wait_results(page)
         assert url_params(page)["mode"] == "image" and page.inner_text("#chip-label") == "Like this image"
-        assert shown_ids(page)[: len(strong)] == strong[: len(shown_ids(page))]
-    # Reload keeps the image query (session storage); Back returns to "more like this".
+        assert_shows(page, ranking, cut)
+    # Reload keeps the image query (session storage); Back returns to the dropped one, then to "more
+    # like this"; the chip's x ends the image query.
     page.reload()
-    page.wait_for_function("() => /matches|No results/.test(document.querySelector('#status').textContent)")
-    assert url_params(page)["mode"] == "image" and not page.is_hidden("#query-chip")
+    wait_results(page)
+    assert_shows(page, ranking, cut)
+    assert page.is_visible("#chip-image")
     page.go_back()
     page.go_back()
-    page.wait_for_function("(id) => location.search.includes('id=' + id)", arg=ids["original"])
     page.wait_for_function("() => document.querySelector('#chip-label').textContent === 'Like this photo'")
-    assert similar["hits"]
+    assert url_params(page)["id"] == str(ids["original"])
     page.click("#chip-clear")
-    assert page.is_hidden("#query-chip") and page.is_visible("#q")
+    assert page.is_hidden("#query-chip") and page.is_visible("#q") and "mode" not in url_params(page)
 
 
 def test_upload_errors_are_shown(page, tmp_path: Path) -> None:
@@ -471,7 +537,9 @@ def test_key_prompt_and_empty_library(browser, tmp_path_factory, tiny_checkpoint
         page.wait_for_selector("#key-dialog[open]")
         page.fill("#key-input", "wrong")
         page.press("#key-input", "Enter")
-        page.wait_for_function("() => document.querySelector('#key-error').textContent.includes('not accepted')")
+        page.wait_for_function(
+            "() => document.querySelector('#key-error').textContent.includes('not accepted')"
+        )
         page.fill("#key-input", API_KEY)
         page.press("#key-input", "Enter")
         page.wait_for_selector("#empty:not([hidden])")
