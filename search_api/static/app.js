@@ -156,7 +156,8 @@ async function loadPage() {
   const mine = token;
   if (loading === mine || nextOffset === null) return false;
   loading = mine;
-  setStatus(hits.length ? "Loading more…" : "Searching…");
+  document.body.dataset.loading = "1";  // for tests and styles: a page is on its way
+  if (!hits.length) setStatus("Searching…");
   try {
     const data = await fetchPage(nextOffset);
     if (mine !== token) return false;
@@ -174,7 +175,7 @@ async function loadPage() {
     if (mine === token) fail(err);
     return false;
   } finally {
-    if (loading === mine) loading = 0;
+    if (loading === mine) { loading = 0; delete document.body.dataset.loading; }
   }
 }
 
@@ -182,7 +183,7 @@ async function loadPage() {
 // With weaker matches hidden, pages of weaker matches only would load without end: stop at the first.
 function mayLoadMore() {
   if (nextOffset === null || loading === token || !st.mode) return false;
-  if (st.weak !== "1" && hits.length) {
+  if (!showingWeak() && hits.length) {
     const lastPage = hits.slice(-config.page_size);
     if (lastPage.every((h) => isWeak(h))) return false;
   }
@@ -376,12 +377,20 @@ function renderHit(hit) {
   return li;
 }
 
+// With no hit above the cut-off, the nearest ones are shown anyway (said so), never an empty page.
+function showingWeak() {
+  return st.weak === "1" || (hits.length > 0 && !hits.some((h) => !isWeak(h)));
+}
+
 function showSummary(indexed) {
   const weak = hits.filter(isWeak).length;
-  const shown = st.weak === "1" ? hits.length : hits.length - weak;
   const more = nextOffset !== null ? "+" : "";
-  let text = hits.length ? `${shown}${st.weak === "1" ? "" : more} matches` : "No results.";
-  if (hits.length && weak && st.weak !== "1") text += ` (${weak}${more} weaker hidden)`;
+  $("results").classList.toggle("show-weak", showingWeak());
+  let text;
+  if (!hits.length) text = "No results.";
+  else if (weak === hits.length) text = `No close matches: the ${hits.length}${more} nearest`;
+  else if (st.weak === "1") text = `${hits.length - weak} matches and ${weak} weaker`;
+  else text = `${hits.length - weak} matches` + (weak ? ` (${weak}${more} weaker hidden)` : "");
   setStatus(`${text} · ${indexed} images indexed · ${lastTotalMs} ms`);
   updateWeaker();
 }
@@ -389,14 +398,13 @@ function showSummary(indexed) {
 function updateWeaker() {
   const weak = hits.filter(isWeak).length;
   const btn = $("weaker");
-  btn.hidden = weak === 0;
+  btn.hidden = weak === 0 || weak === hits.length;
   const more = nextOffset !== null ? "+" : "";
   btn.textContent = st.weak === "1" ? "Hide weaker matches" : `Show ${weak}${more} weaker matches`;
 }
 
 $("weaker").addEventListener("click", () => {
   st.weak = st.weak === "1" ? "" : "1";
-  $("results").classList.toggle("show-weak", st.weak === "1");
   writeUrl(false);
   showSummary(library ? library.indexed_images : 0);
   fillViewport();
