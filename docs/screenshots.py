@@ -73,7 +73,8 @@ def main() -> None:
                     ) from None
                 page.wait_for_function(  # the thumbnails on screen (lazy ones below load on scrolling)
                     "() => [...document.querySelectorAll('#results img')].filter(i => i.offsetParent"
-                    " && i.getBoundingClientRect().top < innerHeight).every(i => i.complete && i.naturalWidth)"
+                    " && i.getBoundingClientRect().top < innerHeight)"
+                    ".every(i => i.complete && i.naturalWidth)"
                 )
                 target = args.out / f"page-{name}.png"
                 target.write_bytes(_small_png(page.screenshot()))
