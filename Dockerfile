@@ -1,10 +1,13 @@
-# blip2-search: the search API and the indexer, one image.
-# Build:  docker build -t blip2-search .
-# GPU:    the compose file reserves one NVIDIA GPU; install the CUDA build of torch with
-#         --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124 (default: CPU wheels).
+# blip2-search: the search API, the indexer and the demo, one image.
+# Build:  docker build -t blip2-search .                      # CPU torch (what the demo needs)
+# GPU:    docker build --build-arg CUDA=cu124 -t blip2-search:cu124 .
+#         CUDA picks torch's wheel index (https://download.pytorch.org/whl/<CUDA>): cpu, cu118, cu121,
+#         cu124, cu126, cu128, ... ; the host's NVIDIA driver must support that CUDA version.
+#         TORCH_INDEX overrides the whole index URL (a mirror).
 FROM python:3.11-slim-bookworm AS build
 
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG CUDA=cpu
+ARG TORCH_INDEX=https://download.pytorch.org/whl/${CUDA}
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/venv
@@ -19,7 +22,11 @@ COPY catalog ./catalog
 COPY indexer ./indexer
 COPY migrations ./migrations
 COPY search_api ./search_api
-RUN pip install .
+# blip2_search/demo_model (the demo's BLIP-2 pair) is package data: the install puts it in the venv, so
+# `blip2-search demo` needs no download or mount; the build fails here if it did not (python -I: the
+# installed copy, not ./blip2_search).
+RUN pip install . \
+ && python -I -c "from blip2_search.demo_model import demo_model_present as ok; raise SystemExit(not ok())"
 
 FROM python:3.11-slim-bookworm
 # libgomp: torch/faiss OpenMP; curl: the health check.

@@ -25,7 +25,7 @@ from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetriev
 
 from blip2_embed.encoder import Blip2Encoder
 from blip2_embed.images import ImageSpec
-from blip2_embed.testing import TinyShape, build_bert_tokenizer, build_opt_tokenizer, tiny_configs
+from blip2_train.scratch import TinyShape, build_bert_tokenizer, build_opt_tokenizer, tiny_configs
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -61,16 +61,16 @@ def make_jpegs(folder: Path, n: int, megapixels: float, seed: int = 0) -> list[P
 
 def build_checkpoint(folder: Path, shape: str) -> str:
     """A retrieval checkpoint folder: the tiny test one, or the real BLIP-2 shape with random weights."""
-    from blip2_embed import testing
     from blip2_embed.images import ImageSpec
+    from blip2_train import scratch
 
     if shape == "tiny":
-        return str(testing.build_tiny_checkpoints(folder).retrieval)
+        return str(scratch.build_tiny_checkpoints(folder).retrieval)
     import torch
     from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
     cfg = Blip2Config(
-        qformer_config={"use_qformer_text_input": True, "vocab_size": len(testing.build_bert_tokenizer())},
+        qformer_config={"use_qformer_text_input": True, "vocab_size": len(scratch.build_bert_tokenizer())},
         image_text_hidden_size=256,
         num_query_tokens=32,
     )
@@ -79,7 +79,7 @@ def build_checkpoint(folder: Path, shape: str) -> str:
         model = Blip2ForImageTextRetrieval(cfg).half()
     out = folder / "retrieval"
     model.save_pretrained(out)
-    testing.build_bert_tokenizer().save_pretrained(out)
+    scratch.build_bert_tokenizer().save_pretrained(out)
     spec = ImageSpec(size=cfg.vision_config.image_size)
     (out / "preprocessor_config.json").write_text(json.dumps(spec.to_preprocessor_config()))
     return str(out)
@@ -129,15 +129,11 @@ def indexer_run(
     """``run_index`` end to end into a fresh SQLite catalog under ``work`` (``encoder``: an already
     loaded one, else ``checkpoint`` is loaded)."""
     from blip2_embed.encoder import Blip2Encoder
-    from catalog.db import make_engine, session_factory, upgrade
-    from indexer.index_sync import catch_up_index
-    from indexer.run import IndexOptions, run_index
+    from indexer.run import IndexOptions, IndexTarget, run_index
 
     if encoder is None:
         encoder = Blip2Encoder.from_pretrained(retrieval=checkpoint, caption=None, batch_size=batch_size)
-    url = f"sqlite:///{work / 'catalog.db'}"
-    upgrade(url)
-    engine = make_engine(url)
+    target = IndexTarget(f"sqlite:///{work / 'catalog.db'}", work / "indexer.lock", work / "index")
     opts = IndexOptions(
         roots=[paths[0].parent],
         batch_size=batch_size,
@@ -146,12 +142,7 @@ def indexer_run(
         thumbnail_size=256,
     )
     start = time.perf_counter()
-    summary = run_index(
-        session_factory(engine),
-        encoder,
-        opts,
-        after_publish=lambda s: catch_up_index(engine, encoder.retrieval_key, work / "index"),
-    )
+    summary = run_index(target, encoder, opts)
     elapsed = time.perf_counter() - start
     assert summary.embedded == len(paths), summary.as_dict()
     return {

@@ -3,12 +3,12 @@
 1. ``format``: photos decoded as the indexer decodes them and resized to S (224), then encoded with
    each lossless candidate: bytes per image, encode and decode ms on one pinned core (each image's
    fastest of ``--repeats``), and a check that the round trip is exact.
-2. ``deviation`` (with ``--model DIR`` holding ``retrieval/`` and ``caption/``, default models/demo):
+2. ``deviation`` (with ``--model DIR`` holding ``retrieval/`` and ``caption/``, default: the demo model):
    folders are indexed by the real indexer, then the ITM match logits and greedy captions of every
-   image *by id* (search_api.media.Media, what /api/rerank and /api/caption use) are compared with the
-   model run on the original file (what an upload gets, and what plain transformers computes), for:
-   the stored input (exact decode), the stored input with the fast JPEG path, and the thumbnail
-   fallback (BLIP2_STORE_MODEL_INPUTS=false; what every catalog did before the store).
+   image *by id* (search_api.service.image_store.ImageStore, what /api/rerank and /api/caption use) are
+   compared with the model run on the original file (what an upload gets, and what plain transformers
+   computes), for: the stored input (exact decode), the stored input with the fast JPEG path, and the
+   thumbnail fallback (BLIP2_STORE_MODEL_INPUTS=false; what every catalog did before the store).
 
     python bench/bench_model_inputs.py --photos ~/Pictures/sample   # camera photos (else synthetic ones)
     python bench/bench_model_inputs.py --skip-deviation --size 364
@@ -46,6 +46,7 @@ from blip2_embed.images import (
     preprocess,
     sniff_format,
 )
+from blip2_search.demo_model import DEMO_MODEL_DIR
 from catalog.model_inputs import ModelInputStore, encode_model_input
 
 RESULTS = Path(__file__).parent / "results"
@@ -175,17 +176,17 @@ def _by_id(settings, encoder, folder: Path) -> dict[Path, np.ndarray]:
 
     from catalog import repository as repo
     from catalog.db import make_engine
-    from search_api.catalog_view import CatalogView
-    from search_api.media import Media
+    from search_api.service.catalog_reader import CatalogReader
+    from search_api.service.image_store import ImageStore
 
     shas = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
     engine = make_engine(settings.resolved_database_url)
     with Session(engine) as s:
         ids = repo.image_ids_by_hash(s, shas.values())
     engine.dispose()
-    view = CatalogView(settings.resolved_database_url)
+    view = CatalogReader(settings.resolved_database_url)
     try:
-        media = Media.from_settings(view, encoder.spec, settings)
+        media = ImageStore.from_settings(view, encoder.spec, settings)
         return {p: media.pixels(ids[sha]) for p, sha in shas.items()}
     finally:
         view.close()
@@ -212,7 +213,7 @@ def _compare(encoder, by_id: dict[Path, np.ndarray], reference: np.ndarray, ref_
 def bench_deviation(model: Path, sets: dict[str, Path], tmp: Path) -> dict:
     from blip2_embed.encoder import Blip2Encoder
     from blip2_search.settings import Settings
-    from search_api.testing import index_folder
+    from tests.support.catalog import index_folder
 
     encoder = Blip2Encoder.from_pretrained(
         retrieval=str(model / "retrieval"), caption=str(model / "caption"), device="cpu", batch_size=32
@@ -249,7 +250,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=0, help="photos to use (0: all, or 12 synthetic)")
     parser.add_argument("--size", type=int, default=224, help="model input size S for the format bench")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--model", type=Path, default=REPO / "models" / "demo")
+    parser.add_argument("--model", type=Path, default=DEMO_MODEL_DIR)
     parser.add_argument("--skip-deviation", action="store_true")
     parser.add_argument("--note", help="free text stored in the results (e.g. where the photos came from)")
     parser.add_argument("--tag", help="results file tag (default cpu-<hostname>)")

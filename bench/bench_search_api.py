@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blip2_search.settings import Settings
-from search_api.testing import ServerProcess, index_folder, make_photos
+from tests.support.catalog import index_folder, make_photos
+from tests.support.server import ServerProcess
 
 RESULTS = Path(__file__).parent / "results"
 QUERIES = ["a dog on the beach", "red car", "two people near a tree", "sunset over water", "a small cat"]
@@ -182,7 +183,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-search-api-"))
     if not args.retrieval:
-        from blip2_embed.testing import build_tiny_checkpoints
+        from blip2_train.scratch import build_tiny_checkpoints
 
         ck = build_tiny_checkpoints(work / "ckpt")
         args.retrieval, args.caption = str(ck.retrieval), str(ck.caption)

@@ -37,7 +37,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from catalog.vector_index import MultiVectorIndex, auto_nlist
+from catalog.vector_index import IvfCodec, MultiVectorIndex, auto_nlist
 
 RESULTS = Path(__file__).parent / "results"
 CHUNK = 4096  # images generated and added per step
@@ -152,7 +152,7 @@ def bench_size(args: argparse.Namespace, dataset: str, n: int, out: dict[str, An
                 "reason": f"needs {flat_bytes / 1e9:.1f} GB (fp16) > --max-index-gb {args.max_index_gb}",
             }
         )
-    codecs = []
+    codecs: list[IvfCodec] = []
     for codec in args.codecs if "ivf" in args.kinds else []:
         reason = None
         if codec == "fp16" and n > args.ivf_fp16_max_images:
@@ -184,7 +184,7 @@ def bench_size(args: argparse.Namespace, dataset: str, n: int, out: dict[str, An
         sample = data.sample(math.ceil(64 * nlist / v))
         for codec in codecs:
             name = f"ivf-{codec}"
-            index = MultiVectorIndex(d, kind="ivf", ivf_codec=codec, nlist=nlist, device="cpu")  # type: ignore[arg-type]
+            index = MultiVectorIndex(d, kind="ivf", ivf_codec=codec, nlist=nlist, device="cpu")
             t0 = time.perf_counter()
             index.train(sample, expected_images=n)
             train_s[name] = time.perf_counter() - t0
@@ -249,7 +249,7 @@ def bench_rebuild(args: argparse.Namespace, n: int, out: dict[str, Any]) -> None
 
     from catalog import db
     from catalog import repository as repo
-    from catalog.index_store import IndexOptions, build_from_catalog
+    from catalog.index_store import VectorIndexOptions, build_from_catalog
     from catalog.models import FileStatus
 
     data = Dataset("clustered", n, args.vectors_per_image, args.dim)
@@ -279,7 +279,7 @@ def bench_rebuild(args: argparse.Namespace, n: int, out: dict[str, Any]) -> None
             s.commit()
         write_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        index = build_from_catalog(engine, "bench", IndexOptions(kind="flat", device=args.device))
+        index = build_from_catalog(engine, "bench", VectorIndexOptions(kind="flat", device=args.device))
         rebuild_s = time.perf_counter() - t0
         assert len(index) == n
         size = Path(f"{tmp}/catalog.db").stat().st_size

@@ -552,7 +552,7 @@ def row_query(suite: Suite, st: dict, data_dir: Path | None) -> None:
         while not server.started and time.time() < deadline:
             time.sleep(0.1)
         try:
-            handle = app.state.blip2.watcher.handle()
+            handle = app.state.blip2.index.handle()
             index = handle.index
             real = len(index)
             target = suite.args.index_images

@@ -22,6 +22,7 @@ import inspect
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, StaticCache
@@ -127,7 +128,8 @@ class _Runner:
         self.decoder = decoder
         self.batch, self.prompt, self.cache_len = batch, prompt, cache_len
         dev = decoder.device
-        hidden = lm.get_input_embeddings().embedding_dim
+        embeddings: Any = lm.get_input_embeddings()
+        hidden = int(embeddings.embedding_dim)
         self.embeds = torch.zeros(batch, prompt, hidden, dtype=decoder.dtype, device=dev)
         self.cache = StaticCache(config=lm.config, max_cache_len=cache_len)
         keys = torch.arange(cache_len, device=dev)
@@ -243,6 +245,7 @@ class _Runner:
                 self.decoder.use_cuda_graphs = False
             self.reset(embeds, plan)
         if self.decoder.use_cuda_graphs:
+            assert self.graphs is not None  # captured above
             prefill, step = self.graphs[0].replay, self.graphs[1].replay
         prefill()
         done = 1
@@ -276,7 +279,8 @@ class GreedyDecoder:
     ) -> None:
         self.model = model
         self.device = model.device
-        self.dtype = model.get_input_embeddings().weight.dtype
+        embeddings: Any = model.get_input_embeddings()
+        self.dtype: torch.dtype = embeddings.weight.dtype
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         if self.use_cuda_graphs and self.device.type != "cuda":

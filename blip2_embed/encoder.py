@@ -12,7 +12,7 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, TypeVar, Union
 
 import numpy as np
 import torch
@@ -23,7 +23,13 @@ from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetriev
 from blip2_embed.decoding import GreedyDecoder, greedy_plan
 from blip2_embed.graphs import GraphedFunction, attention_mask_4d
 from blip2_embed.images import ImageSpec, preprocess
-from blip2_embed.loading import load_pretrained, load_tokenizer, model_key, resolve_device, resolve_dtype
+from blip2_embed.loading import (
+    load_pretrained,
+    load_tokenizer,
+    model_key,
+    resolve_dtype,
+    resolve_torch_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +53,7 @@ class VisionFeatures:
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
-    def __getitem__(self, index: slice) -> VisionFeatures:
+    def __getitem__(self, index: slice | torch.Tensor) -> VisionFeatures:
         return VisionFeatures(
             hidden=self.hidden[index],
             pixels=None if self.pixels is None else self.pixels[index],
@@ -55,6 +61,7 @@ class VisionFeatures:
         )
 
 
+_Part = TypeVar("_Part")
 ImageInput = Union[Sequence[Image.Image], np.ndarray, torch.Tensor, VisionFeatures]  # noqa: UP007
 
 
@@ -66,13 +73,15 @@ class ItmResult:
     logits: np.ndarray
 
 
-def vision_trunk(vision_model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+def vision_trunk(vision_model: Any, pixels: torch.Tensor) -> torch.Tensor:
     """Embeddings + encoder blocks of a Blip2VisionModel, without its final LayerNorm: (N, T, W)."""
+    # `Any`: transformers' sub-module attributes read as `Tensor | Module` to a type checker.
     hidden = vision_model.embeddings(pixels)
-    return vision_model.encoder(inputs_embeds=hidden).last_hidden_state
+    out: torch.Tensor = vision_model.encoder(inputs_embeds=hidden).last_hidden_state
+    return out
 
 
-def query_output(model: nn.Module, image_embeds: torch.Tensor) -> torch.Tensor:
+def query_output(model: Any, image_embeds: torch.Tensor) -> torch.Tensor:
     """Q-Former over the learned queries with cross-attention to the image: (N, 32, H).
 
     Every image token is attended, so no mask is passed: transformers drops an all-ones mask for SDPA
@@ -84,7 +93,19 @@ def query_output(model: nn.Module, image_embeds: torch.Tensor) -> torch.Tensor:
         encoder_hidden_states=image_embeds,
         return_dict=True,
     )
-    return out.last_hidden_state
+    hidden: torch.Tensor = out.last_hidden_state
+    return hidden
+
+
+def lm_text_ids(tokenizer: PreTrainedTokenizerBase, text: str | None, bos_token_id: int) -> list[int]:
+    """The language model's text after the soft prompt: ``[BOS] + tokens(text)``.
+
+    BOS is put here, not left to the tokenizer: OPT's adds one, others add none, and the caption
+    model is trained (``blip2_train``) and run on ``[image] * Q + [BOS] + ...`` either way. For OPT
+    this is exactly what ``Blip2Processor`` gives ``generate``.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    return [bos_token_id, *ids]
 
 
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
@@ -92,6 +113,12 @@ def _same_weights(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(
         sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa
     )
+
+
+def _loaded(part: _Part | None, what: str) -> _Part:
+    if part is None:
+        raise RuntimeError(f"this encoder was loaded without {what}")
+    return part
 
 
 class Blip2Encoder:
@@ -132,8 +159,8 @@ class Blip2Encoder:
         self.caption_tokenizer = caption_tokenizer
         self.spec = spec
         self.batch_size = batch_size
-        main = retrieval if retrieval is not None else caption
-        self.device = main.device
+        main: Any = retrieval if retrieval is not None else caption
+        self.device: torch.device = main.device
         self.dtype = main.vision_model.embeddings.patch_embedding.weight.dtype
         self.shared_vit = False
         if retrieval is not None and caption is not None:
@@ -192,7 +219,9 @@ class Blip2Encoder:
         """``name``'s function, from a CUDA graph when the batch is small enough to be launch-bound."""
         limit = self.graph_max_batch if name == "vit" else 4 * self.graph_max_batch
         graphed = self._graphed[name]
-        return graphed(*args) if batch <= limit else graphed.fn(*args)
+        out = graphed(*args) if batch <= limit else graphed.fn(*args)
+        assert isinstance(out, torch.Tensor)  # every graphed function here returns one tensor
+        return out
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -214,7 +243,7 @@ class Blip2Encoder:
         ``qformer_dtype`` (e.g. bf16) overrides transformers' fp32 Q-Former; ``attn_implementation``
         is passed to ``from_pretrained`` (transformers 5 picks ``sdpa`` for BLIP-2 by default).
         """
-        dev = resolve_device(device)
+        dev = resolve_torch_device(device)
         dt = resolve_dtype(dtype, dev)
         load_kwargs: dict[str, object] = {"dtype": dt}
         if attn_implementation:
@@ -233,7 +262,8 @@ class Blip2Encoder:
             raise ValueError("give a retrieval model, a caption model, or both")
         models = [m for m in (r_model, c_model) if m is not None]
         for m in models:
-            m.to(dev).eval()
+            m.to(dev).eval()  # type: ignore[arg-type]  # transformers types `to` for PreTrainedModel only
+        assert spec_source is not None
         spec = ImageSpec.from_pretrained(spec_source)
         if retrieval and caption:
             other = ImageSpec.from_pretrained(caption)
@@ -265,7 +295,7 @@ class Blip2Encoder:
         hashing), and on a match the caption model borrows the retrieval model's modules, saving a ViT
         pass per captioned image and the memory of a second copy. The final LayerNorms stay separate.
         """
-        rv, cv = self.retrieval.vision_model, self.caption_model.vision_model
+        rv, cv = self._need_retrieval().vision_model, self._need_caption().vision_model
         if not (_same_weights(rv.embeddings, cv.embeddings) and _same_weights(rv.encoder, cv.encoder)):
             log.info("retrieval and caption ViT blocks differ: each model runs its own ViT")
             return False
@@ -283,25 +313,29 @@ class Blip2Encoder:
 
     @property
     def num_queries(self) -> int:
-        return (self.retrieval or self.caption_model).config.num_query_tokens
+        main: Any = self.retrieval or self.caption_model
+        return int(main.config.num_query_tokens)
 
     @property
     def max_text_tokens(self) -> int:
         """Longest tokenised text the Q-Former takes, special tokens included."""
         tok = self.retrieval_tokenizer
-        limit = self._need_retrieval().config.qformer_config.max_position_embeddings
+        qformer_config: Any = self._need_retrieval().config.qformer_config
+        limit = qformer_config.max_position_embeddings
         model_max = getattr(tok, "model_max_length", limit) or limit
         return int(min(limit, model_max))
 
     def _need_retrieval(self) -> Blip2ForImageTextRetrieval:
-        if self.retrieval is None:
-            raise RuntimeError("this encoder was loaded without a retrieval model (ITC/ITM)")
-        return self.retrieval
+        return _loaded(self.retrieval, "a retrieval model (ITC/ITM)")
 
     def _need_caption(self) -> Blip2ForConditionalGeneration:
-        if self.caption_model is None:
-            raise RuntimeError("this encoder was loaded without a caption model")
-        return self.caption_model
+        return _loaded(self.caption_model, "a caption model")
+
+    def _need_retrieval_tokenizer(self) -> PreTrainedTokenizerBase:
+        return _loaded(self.retrieval_tokenizer, "a retrieval tokenizer")
+
+    def _need_caption_tokenizer(self) -> PreTrainedTokenizerBase:
+        return _loaded(self.caption_tokenizer, "a caption tokenizer")
 
     # ------------------------------------------------------------------ inputs
     def to_pixels(self, images: Sequence[Image.Image] | np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -334,7 +368,8 @@ class Blip2Encoder:
 
     # ------------------------------------------------------------------ vision
     def _vit(self, pixels: torch.Tensor) -> torch.Tensor:
-        return vision_trunk((self.retrieval or self.caption_model).vision_model, pixels)
+        main: Any = self.retrieval or self.caption_model
+        return vision_trunk(main.vision_model, pixels)
 
     def _vision_features_batch(self, pixels: torch.Tensor) -> VisionFeatures:
         hidden = self._graph("vit", pixels.shape[0], pixels)
@@ -349,7 +384,9 @@ class Blip2Encoder:
             return parts[0]
         return VisionFeatures(
             hidden=torch.cat([p.hidden for p in parts]),
-            pixels=None if parts[0].pixels is None else torch.cat([p.pixels for p in parts]),
+            pixels=None
+            if parts[0].pixels is None
+            else torch.cat([p.pixels for p in parts if p.pixels is not None]),
         )
 
     def _caption_hidden(self, feats: VisionFeatures) -> torch.Tensor:
@@ -374,7 +411,7 @@ class Blip2Encoder:
         return np.concatenate(out) if out else np.zeros((0, self.num_queries, self.embed_dim), np.float32)
 
     def _itc_image(self, hidden: torch.Tensor) -> torch.Tensor:
-        model = self.retrieval
+        model: Any = self._need_retrieval()
         query = query_output(model, model.vision_model.post_layernorm(hidden))
         proj = model.vision_projection(query.to(model.vision_projection.weight.dtype))
         return nn.functional.normalize(proj.float(), dim=-1)
@@ -383,7 +420,7 @@ class Blip2Encoder:
         """Token ids and the padding mask, on the host. The length is padded up to a multiple of
         ``text_pad_multiple`` (8 with CUDA graphs, so a handful of graphs serve every text length;
         padding is masked out)."""
-        tok = self.retrieval_tokenizer
+        tok = self._need_retrieval_tokenizer()
         enc = tok(
             list(texts),
             padding=True,
@@ -409,7 +446,8 @@ class Blip2Encoder:
 
     def text_truncation(self, texts: Sequence[str]) -> list[bool]:
         """Which texts are longer than the Q-Former takes (they are cut to ``max_text_tokens``)."""
-        lengths = [len(ids) for ids in self.retrieval_tokenizer(list(texts), truncation=False)["input_ids"]]
+        tok = self._need_retrieval_tokenizer()
+        lengths = [len(ids) for ids in tok(list(texts), truncation=False)["input_ids"]]
         return [n > self.max_text_tokens for n in lengths]
 
     @torch.inference_mode()
@@ -439,7 +477,7 @@ class Blip2Encoder:
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
     def _itc_text(self, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        model = self.retrieval
+        model: Any = self._need_retrieval()
         emb = model.embeddings(input_ids=input_ids)
         hidden = model.qformer(
             query_embeds=emb, query_length=0, attention_mask=mask, return_dict=True
@@ -476,7 +514,7 @@ class Blip2Encoder:
         self, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """ITM logits (B, 2) in fp32: the head on the 32 query outputs, averaged."""
-        model = self.retrieval
+        model: Any = self._need_retrieval()
         image_embeds = model.vision_model.post_layernorm(hidden)
         queries = model.query_tokens.expand(hidden.shape[0], -1, -1)
         embeds = model.embeddings(input_ids=input_ids, query_embeds=queries)
@@ -488,25 +526,22 @@ class Blip2Encoder:
             return_dict=True,
         ).last_hidden_state
         head = model.itm_head(out[:, : queries.shape[1], :].to(model.itm_head.weight.dtype))
-        return head.mean(dim=1).float()
+        logits: torch.Tensor = head.mean(dim=1).float()
+        return logits
 
     # ------------------------------------------------------------------ captions
     def _prompt_ids(self, prompt: str | None) -> torch.Tensor:
         model = self._need_caption()
-        tok = self.caption_tokenizer
-        image_token = model.config.image_token_index
+        tok = self._need_caption_tokenizer()
+        config: Any = model.config
+        image_token = config.image_token_index
         if image_token is None:
             raise ValueError(
                 "the caption checkpoint's config has no image_token_index; use a current "
                 "Blip2ForConditionalGeneration checkpoint (e.g. Salesforce/blip2-opt-2.7b)"
             )
-        if prompt:
-            text_ids = tok(prompt, add_special_tokens=True)["input_ids"]
-        else:
-            text_ids = [model.config.text_config.bos_token_id]
-        return torch.tensor(
-            [[image_token] * model.config.num_query_tokens + list(text_ids)], device=self.device
-        )
+        text_ids = lm_text_ids(tok, prompt, config.text_config.bos_token_id)
+        return torch.tensor([[image_token] * config.num_query_tokens + text_ids], device=self.device)
 
     @torch.inference_mode()
     def caption_token_ids(
@@ -519,10 +554,10 @@ class Blip2Encoder:
         **generate_kwargs: object,
     ) -> list[list[int]]:
         """The generated token ids of each image (prompt excluded); ``caption`` decodes them."""
-        model = self._need_caption()
+        model: Any = self._need_caption()
         prompt_ids = self._prompt_ids(prompt)
         embed_tokens = model.get_input_embeddings()
-        pad = self.caption_tokenizer.pad_token_id
+        pad = self._need_caption_tokenizer().pad_token_id
         tokens: list[list[int]] = []
         options = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "pad_token_id": pad}
         options.update(generate_kwargs)
@@ -534,7 +569,7 @@ class Blip2Encoder:
             inputs_embeds = embed_tokens(input_ids)
             image_mask = (input_ids == model.config.image_token_index).unsqueeze(-1)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, soft_prompt.to(inputs_embeds.dtype))
-            if plan is not None:
+            if plan is not None and self._decoder is not None:
                 new = self._decoder.generate(inputs_embeds, plan)
             else:
                 out = lm.generate(
@@ -553,10 +588,11 @@ class Blip2Encoder:
 
     def _soft_prompt(self, hidden: torch.Tensor) -> torch.Tensor:
         """The caption Q-Former's 32 outputs projected into the LM's embedding space: (N, 32, E)."""
-        model = self.caption_model
+        model: Any = self._need_caption()
         image_embeds = model.vision_model.post_layernorm(hidden)
         query = query_output(model, image_embeds).to(image_embeds.dtype)
-        return model.language_projection(query)
+        projected: torch.Tensor = model.language_projection(query)
+        return projected
 
     def caption(
         self,
@@ -574,7 +610,8 @@ class Blip2Encoder:
         ids = self.caption_token_ids(
             images, prompt, max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs
         )
-        return [clean_text(t) for t in self.caption_tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        texts = self._need_caption_tokenizer().batch_decode(ids, skip_special_tokens=True)
+        return [clean_text(t) for t in texts]
 
 
 # C0 and C1 control characters (Unicode category Cc), with the whitespace around them.

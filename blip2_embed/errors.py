@@ -47,7 +47,7 @@ class ImageError(ValueError):
         text = f"{what} {self.summary}"
         return f"{text}: {self.detail}" if self.detail else text
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple[str, str | None, str]]:
         # The default exception pickling calls cls(*self.args), i.e. with the formatted message as
         # `detail`, which would lose `path`/`reason` and double the file name; rebuild from the parts.
         return (type(self), (self.detail, self.path, self.reason))
@@ -56,50 +56,43 @@ class ImageError(ValueError):
 class EmptyImageError(ImageError):
     """The file or buffer holds zero bytes."""
 
-    default_reason = "empty"
-    summary = "is empty (0 bytes)"
+    default_reason, summary = "empty", "is empty (0 bytes)"
 
 
 class TruncatedImageError(ImageError):
     """The image header parses but the data ends early (an interrupted copy or download)."""
 
-    default_reason = "truncated"
-    summary = "is truncated"
+    default_reason, summary = "truncated", "is truncated"
 
 
 class NotAnImageError(ImageError):
     """The content is not in any image format we (or Pillow) recognise."""
 
-    default_reason = "not_an_image"
-    summary = "is not an image"
+    default_reason, summary = "not_an_image", "is not an image"
 
 
 class DecompressionBombError(ImageError):
     """The header declares more pixels than allowed; refused before decoding."""
 
-    default_reason = "decompression_bomb"
-    summary = "is too large to decode"
+    default_reason, summary = "decompression_bomb", "is too large to decode"
 
 
 class UnreadableImageError(ImageError):
     """The file could not be read at all: missing, a directory, no permission, an I/O error."""
 
-    default_reason = "unreadable"
-    summary = "cannot be read"
+    default_reason, summary = "unreadable", "cannot be read"
 
 
 class UnsupportedImageError(ImageError):
     """A recognised container that this installation cannot decode (missing codec, unsupported variant)."""
 
-    default_reason = "unsupported"
-    summary = "is in an unsupported format"
+    default_reason, summary = "unsupported", "is in an unsupported format"
 
 
 class CorruptImageError(ImageError):
     """A recognised format whose data is damaged in a way other than simply ending early."""
 
-    default_reason = "corrupt"
-    summary = "is corrupt"
+    default_reason, summary = "corrupt", "is corrupt"
 
 
 class ModelNotFoundError(RuntimeError):
@@ -118,7 +111,7 @@ class ModelNotFoundError(RuntimeError):
         )
         super().__init__(self.message)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
         return (type(self), (self.model, self.message))
 
 

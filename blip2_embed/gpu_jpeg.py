@@ -29,6 +29,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,12 +41,12 @@ from blip2_embed.images import (
     DEFAULT_MAX_PIXELS,
     ImageMetadata,
     ImageSpec,
-    _looks_truncated,
-    _normalisation_table,
     load_image_with_metadata,
     read_metadata,
     sniff_format,
 )
+from blip2_embed.images.preprocess import normalisation_table
+from blip2_embed.images.sniff import looks_truncated
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ _ALL_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 @lru_cache(maxsize=1)
-def _torchvision_decode() -> tuple[Callable[..., object], object] | None:
+def _torchvision_decode() -> tuple[Callable[..., Any], Any] | None:
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except Exception as exc:  # not installed, or built for another torch: both mean "CPU path"
@@ -113,7 +114,7 @@ def gpu_route(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> GpuRoute | N
     Reads headers only. Anything unusual returns ``None``: the CPU path decodes it or raises the
     right :class:`ImageError`, so the GPU path never has to name a failure.
     """
-    if sniff_format(data[:64]) != "jpeg" or _looks_truncated(data, "jpeg"):
+    if sniff_format(data[:64]) != "jpeg" or looks_truncated(data, "jpeg"):
         return None
     sof = _start_of_frame(data)
     if sof is None or sof[0] not in _GPU_SOF or sof[1] not in (1, 3):
@@ -180,7 +181,7 @@ def to_model_input(pixels: torch.Tensor, spec: ImageSpec, dtype: torch.dtype = t
     The per-channel table of ``preprocess`` (transformers' arithmetic for each of the 256 levels) is
     gathered on the tensor's device.
     """
-    table = torch.from_numpy(_normalisation_table(spec)).to(pixels.device)  # (3, 256)
+    table = torch.from_numpy(normalisation_table(spec)).to(pixels.device)  # (3, 256)
     idx = pixels.long()
     out = torch.stack([table[c][idx[:, c]] for c in range(3)], dim=1)
     return out.to(dtype)
@@ -224,7 +225,7 @@ class GpuJpegDecoder:
         fast_jpeg: bool = True,
         box_reduce: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        nvjpeg: Callable[..., object] | None = None,
+        nvjpeg: Callable[..., Any] | None = None,
     ) -> None:
         self.spec = spec
         self.device = torch.device(device)
@@ -232,6 +233,8 @@ class GpuJpegDecoder:
         self.box_reduce = box_reduce
         self.max_pixels = max_pixels
         found = _torchvision_decode()
+        self._decode_jpeg: Callable[..., Any] | None
+        self._rgb: Any
         if nvjpeg is not None:
             self._decode_jpeg, self._rgb, self.enabled = nvjpeg, "RGB", True
         else:
@@ -243,6 +246,7 @@ class GpuJpegDecoder:
     def _nvjpeg(self, datas: list[bytes]) -> list[torch.Tensor | None]:
         """nvJPEG on a batch; if the batch call fails, each file alone (None: this one failed)."""
         decode_jpeg, rgb = self._decode_jpeg, self._rgb
+        assert decode_jpeg is not None  # only called when enabled
         inputs = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
         try:
             return list(decode_jpeg(inputs, mode=rgb, device=self.device))
@@ -269,6 +273,7 @@ class GpuJpegDecoder:
                 if image is None:
                     continue
                 route = routes[i]
+                assert route is not None  # `todo` holds routed rows only
                 rows[i] = resize_uint8(orient(image, route.orientation), s, box_reduce=self.box_reduce)
                 metas[i] = route.metadata
                 gpu_rows.add(i)
@@ -285,9 +290,9 @@ class GpuJpegDecoder:
             rows[i] = torch.from_numpy(pixels).to(self.device)
             metas[i] = meta
         ok = sorted(rows)
-        pixels = torch.stack([rows[i] for i in ok]) if ok else torch.zeros(0, 3, s, s, dtype=torch.uint8)
+        batch = torch.stack([rows[i] for i in ok]) if ok else torch.zeros(0, 3, s, s, dtype=torch.uint8)
         return DecodedBatch(
-            pixels=pixels.to(self.device),
+            pixels=batch.to(self.device),
             ok=ok,
             metadata=[metas[i] for i in ok],
             errors=errors,
@@ -299,7 +304,7 @@ def decode_batch(
     datas: Sequence[bytes],
     spec: ImageSpec,
     device: str | torch.device = "cuda",
-    **options: object,
+    **options: Any,
 ) -> DecodedBatch:
     """One-call form of :class:`GpuJpegDecoder` (``options``: fast_jpeg, box_reduce, max_pixels)."""
     return GpuJpegDecoder(spec, device, **options).decode(datas)

@@ -85,7 +85,7 @@ class GraphedFunction:
         self.name = name or getattr(fn, "__name__", "call")
         self.max_graphs = max_graphs
         self.pool = pool if pool is not None or not enabled else torch.cuda.graph_pool_handle()
-        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._graphs: OrderedDict[tuple[object, ...], _Graph] = OrderedDict()
         self.captures = 0
 
     def __call__(self, *args: torch.Tensor) -> Outputs:

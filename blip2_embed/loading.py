@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
@@ -19,6 +20,7 @@ from blip2_embed.errors import ConfigurationError, ModelNotFoundError
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=PreTrainedModel)
+T = TypeVar("T")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -31,7 +33,7 @@ _DTYPES = {
 }
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
+def resolve_torch_device(device: str | torch.device | None = None) -> torch.device:
     """The requested device, else CUDA when present, else CPU.
 
     A device this machine lacks is refused here, in one line, rather than deep inside the first
@@ -89,9 +91,20 @@ def _first_sentence(exc: BaseException) -> str:
     return (text[: cut + 1] if 0 < cut < 300 else text[:300]) or type(exc).__name__
 
 
+_DEFAULT_HUB_ID = {"retrieval": "Salesforce/blip2-itm-vit-g", "caption": "Salesforce/blip2-opt-2.7b"}
+
+
 def _how_to_provide(name: str, role: str) -> str:
-    folder = f"/models/{Path(name.rstrip('/')).name or name}"
     setting = _SETTING.get(role, "the model setting")
+    if _looks_like_path(name) or Path(name).expanduser().is_dir():
+        # A folder was asked for: say what belongs in it, and where it usually comes from.
+        hub_id = _DEFAULT_HUB_ID.get(role, "<hub id>")
+        return (
+            f"Put the checkpoint there (config.json, the weights, tokenizer and preprocessor files: "
+            f"`hf download {hub_id} --local-dir {name}` where the hub is reachable, then copy the folder), "
+            f"or set {setting} to the folder that holds it."
+        )
+    folder = f"/models/{Path(name.rstrip('/')).name or name}"
     return (
         f"Download it once where the hub is reachable (`hf download {name} --local-dir {folder}`), copy "
         f"the folder here and set {setting}={folder}; on an offline machine also set HF_HUB_OFFLINE=1."
@@ -132,7 +145,13 @@ def _hub_unreachable(timeout: float = 3.0) -> str | None:
 
 
 def load_pretrained(cls: type[M], name: str, role: str, **kwargs: object) -> M:
-    """``cls.from_pretrained(name)`` that prefers local files and fails with one clear error.
+    """``cls.from_pretrained(name)`` that prefers local files and fails with one clear error."""
+    return _local_first(cls.from_pretrained, name, role, **kwargs)
+
+
+def _local_first(from_pretrained: Callable[..., T], name: str, role: str, **kwargs: object) -> T:
+    """``from_pretrained(name)`` (weights or a tokenizer) that prefers local files and fails with one
+    clear error.
 
     A local folder is loaded directly; a hub id is tried from the local cache first so an offline
     machine never waits on the network, then (unless HF_HUB_OFFLINE is set) from the hub.
@@ -145,11 +164,11 @@ def load_pretrained(cls: type[M], name: str, role: str, **kwargs: object) -> M:
         if not (Path(name) / "config.json").is_file():
             raise ModelNotFoundError(name, f"The {role} model folder {name!r} has no config.json.")
         try:
-            return cls.from_pretrained(name, **kwargs)
+            return from_pretrained(name, **kwargs)
         except (OSError, ValueError) as exc:
             raise _not_found(name, role, exc) from exc
     try:
-        return cls.from_pretrained(name, local_files_only=True, **kwargs)
+        return from_pretrained(name, local_files_only=True, **kwargs)
     except OSError as local_exc:
         if _hub_offline():
             raise ModelNotFoundError(
@@ -164,14 +183,62 @@ def load_pretrained(cls: type[M], name: str, role: str, **kwargs: object) -> M:
             f"and the hub cannot be reached ({why}). " + _how_to_provide(name, role),
         )
     try:
-        return cls.from_pretrained(name, **kwargs)
+        return from_pretrained(name, **kwargs)
     except Exception as exc:  # the hub client raises many kinds; all mean "not available here"
         raise _not_found(name, role, exc) from exc
 
 
+# What makes a folder a loadable checkpoint: its config and its weights (one file or an index of shards).
+_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _checkpoint_problem(folder: Path) -> str | None:
+    if not (folder / "config.json").is_file():
+        return "has no config.json"
+    if not any((folder / w).is_file() for w in _WEIGHTS):
+        return f"has no weights ({' or '.join(_WEIGHTS[::2])})"
+    return None
+
+
+def locate_checkpoint(name: str, role: str) -> Path:
+    """The local folder ``load_pretrained(name)`` would load, found without loading or downloading it:
+    ``name`` itself when it is a folder, else the Hugging Face cache's snapshot of that hub id
+    (HF_HOME / HF_HUB_CACHE). A deployment checks with this before starting (``blip2-search check``),
+    so a missing model is one message instead of a service that fails again on every restart."""
+    folder = Path(name).expanduser()
+    if _looks_like_path(name) or folder.is_dir():
+        if not folder.is_dir():
+            raise ModelNotFoundError(
+                name, f"The {role} model folder {name!r} does not exist. " + _how_to_provide(name, role)
+            )
+        if (problem := _checkpoint_problem(folder)) is not None:
+            raise ModelNotFoundError(
+                name, f"The {role} model folder {name!r} {problem}. " + _how_to_provide(name, role)
+            )
+        return folder
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        snapshot = Path(cached).parent
+        if _checkpoint_problem(snapshot) is None:
+            return snapshot
+    raise ModelNotFoundError(
+        name,
+        f"The {role} model {name!r} is not a folder with a checkpoint and not in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}). " + _how_to_provide(name, role),
+    )
+
+
 def load_tokenizer(name: str, role: str) -> PreTrainedTokenizerBase:
     """The checkpoint's tokenizer, with the same local-first policy as the weights."""
-    return load_pretrained(AutoTokenizer, name, role)  # type: ignore[arg-type]
+    tokenizer: PreTrainedTokenizerBase = _local_first(AutoTokenizer.from_pretrained, name, role)
+    return tokenizer
 
 
 def fingerprint(*tensors: torch.Tensor) -> str:

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import errno
 import socket
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 EXIT_FATAL = 1
 EXIT_USAGE = 2
 EXIT_MODEL = 3
 
 
-def _settings_message(exc: object) -> str:
+def _settings_message(exc: ValidationError) -> str:
     """A pydantic-settings ValidationError as 'invalid setting NAME=value: why'."""
     parts = []
-    for err in exc.errors()[:3]:  # type: ignore[attr-defined]
+    for err in exc.errors()[:3]:
         loc = [str(p) for p in err.get("loc", ())]
         name = loc[0] if loc else "?"
         env = name if name.isupper() else f"BLIP2_{name.upper()}"

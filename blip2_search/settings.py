@@ -2,15 +2,21 @@
 
 Every value comes from (in order of precedence) CLI flags, environment variables prefixed ``BLIP2_``
 (``DATABASE_URL`` also works unprefixed), a ``.env`` file, then the defaults below.
+
+A leaf: imports nothing of the project. Enumerated values are ``Literal`` types, comma lists are parsed
+and checked here, and every derived path has one ``resolved_*`` property, so no other module re-derives
+a default. Packages below take plain values: ``encoder_options()`` and ``vector_index_options()`` hand
+them over.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Literal, TypedDict
 
 from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -43,6 +49,45 @@ def normalise_database_url(url: str) -> str:
     return text
 
 
+Dtype = Literal["float32", "float16", "bfloat16"]
+VectorIndexKind = Literal["auto", "flat", "ivf"]
+VectorIndexDevice = Literal["auto", "cpu", "cuda"]
+IvfCodec = Literal["sq8", "fp16"]
+
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+# torch device names the encoder runs on; a device this machine lacks is refused when the model loads.
+_DEVICE_PATTERN = r"^(cpu|mps|cuda(:[0-9]+)?)$"
+
+
+def _comma_list(value: object) -> object:
+    """``"a, b,,c"`` -> ``("a", "b", "c")``; a list or tuple (``with_overrides``, tests) passes through."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+class EncoderOptions(TypedDict):
+    """The keyword arguments of ``blip2_embed.encoder.Blip2Encoder.from_pretrained`` these settings give."""
+
+    retrieval: str | None
+    caption: str | None
+    device: str | None
+    dtype: str | None
+    batch_size: int
+
+
+class VectorIndexOptions(TypedDict):
+    """The fields of ``catalog.index_store.VectorIndexOptions`` these settings give."""
+
+    kind: VectorIndexKind
+    ivf_threshold: int
+    ivf_threshold_cuda: int
+    ivf_codec: IvfCodec
+    nlist: int | None
+    nprobe: int
+    device: VectorIndexDevice
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="BLIP2_", env_file=".env", extra="ignore", populate_by_name=True
@@ -65,8 +110,10 @@ class Settings(BaseSettings):
         "Salesforce/blip2-opt-2.7b",
         description="Hub id or folder of a Blip2ForConditionalGeneration checkpoint; empty: no captions.",
     )
-    device: str | None = Field(None, description="torch device; default cuda when available, else cpu.")
-    dtype: str | None = Field(
+    device: str | None = Field(
+        None, pattern=_DEVICE_PATTERN, description="torch device; default cuda when available, else cpu."
+    )
+    dtype: Dtype | None = Field(
         None, description="float32, float16 or bfloat16; default fp16 on CUDA, fp32 on CPU."
     )
     batch_size: int = Field(32, ge=1, description="Images per model batch.")
@@ -93,22 +140,19 @@ class Settings(BaseSettings):
         ),
     )
 
-    @property
-    def model_input_dir(self) -> Path | None:
-        """Where model inputs are kept (catalog.model_inputs), or None when they are not."""
-        return self.data_dir / "model_inputs" if self.store_model_inputs else None
-
     # --- end indexer ---------------------------------------------------------------------------
 
     # --- search_api ----------------------------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Address `blip2-search serve` binds.")
     api_port: int = Field(8000, ge=0, le=65535, description="Port `blip2-search serve` binds.")
-    api_keys: str = Field(
-        "", description="Comma-separated API keys; empty: no auth. Keys always guard admin endpoints."
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Comma-separated API keys; empty: no auth. Keys always guard admin endpoints."
     )
     api_key_header: str = Field("X-API-Key", description="Header that carries the API key.")
     api_auth_all: bool = Field(False, description="Require an API key on every endpoint but health/ready.")
-    cors_origins: str = Field("", description="Comma-separated allowed CORS origins ('*' for any).")
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Comma-separated allowed CORS origins ('*' for any)."
+    )
     max_query_chars: int = Field(1000, ge=1, description="Longest query/prompt text accepted.")
     max_k: int = Field(100, ge=1, description="Most hits one search page returns.")
     max_rerank_depth: int = Field(128, ge=0, description="Most ITC candidates the ITM re-ranks.")
@@ -138,9 +182,8 @@ class Settings(BaseSettings):
 
     # --- catalog -------------------------------------------------------------------------------
     vector_index_dir: Path | None = Field(None, description="Vector index files; default data_dir/index.")
-    vector_index_kind: str = Field(
+    vector_index_kind: VectorIndexKind = Field(
         "auto",
-        pattern="^(auto|flat|ivf)$",
         description="flat: exact; ivf: approximate (IVF, scalar-quantised); auto: flat below the threshold.",
     )
     vector_index_ivf_threshold: int = Field(
@@ -149,31 +192,118 @@ class Settings(BaseSettings):
     vector_index_ivf_threshold_cuda: int = Field(
         2_000_000, ge=0, description="auto: images above which a GPU-searched index becomes IVF."
     )
-    vector_index_ivf_codec: str = Field(
-        "sq8", pattern="^(sq8|fp16)$", description="IVF vector storage: sq8 (1 byte/dim) or fp16."
+    vector_index_ivf_codec: IvfCodec = Field(
+        "sq8", description="IVF vector storage: sq8 (1 byte/dim) or fp16."
     )
     vector_index_nlist: int | None = Field(None, ge=1, description="IVF lists; default ~sqrt(vectors).")
     vector_index_nprobe: int = Field(32, ge=1, description="IVF lists searched per query vector.")
-    vector_index_device: str = Field(
-        "auto", pattern="^(auto|cpu|cuda)$", description="Where the index is searched; auto: cuda if present."
+    vector_index_device: VectorIndexDevice = Field(
+        "auto", description="Where the index is searched; auto: cuda if present."
     )
-
-    @property
-    def resolved_vector_index_dir(self) -> Path:
-        return self.vector_index_dir or self.data_dir / "index"
-
     # --- end catalog ---------------------------------------------------------------------------
 
+    # --- validation ----------------------------------------------------------------------------
     @field_validator("database_url")
     @classmethod
     def _valid_database_url(cls, value: str | None) -> str | None:
         return normalise_database_url(value) if value and value.strip() else None
 
+    @field_validator("device", "dtype", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        # BLIP2_DEVICE= (empty) in a compose file or .env means "choose for me", like leaving it unset.
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return _DTYPE_ALIASES.get(value, value) or None
+        return value
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: object) -> object:
+        return _comma_list(value)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _valid_keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        if any(any(c.isspace() or not c.isprintable() for c in key) for key in keys):
+            raise ValueError("an API key may not contain spaces or control characters")
+        return keys
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _valid_origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"{origin!r} is not an origin: use e.g. https://photos.example.org or '*'")
+        return tuple(o.rstrip("/") for o in origins)
+
+    # --- derived paths: the one place each default is decided -----------------------------------
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'catalog.db').resolve()}"
+
+    @property
+    def resolved_thumbnail_dir(self) -> Path:
+        return self.thumbnail_dir or self.data_dir / "thumbnails"
+
+    @property
+    def resolved_model_input_dir(self) -> Path | None:
+        """Where model inputs are kept (catalog.model_inputs), or None when they are not."""
+        return self.data_dir / "model_inputs" if self.store_model_inputs else None
+
+    @property
+    def resolved_vector_index_dir(self) -> Path:
+        return self.vector_index_dir or self.data_dir / "index"
+
+    @property
+    def resolved_indexer_lock(self) -> Path:
+        """The file the one indexer of this data folder holds locked while it runs."""
+        return self.data_dir / "indexer.lock"
+
+    # --- what the packages below take ------------------------------------------------------------
+
+    def with_overrides(self, **flags: object) -> Settings:
+        """These settings with command-line flags on top; a flag left as None keeps the env/default.
+
+        Validated like the environment's values (a ``--database-url postgres://...`` is normalised too).
+        """
+        changes = {k: v for k, v in flags.items() if v is not None}
+        return type(self).model_validate(self.model_dump() | changes) if changes else self
+
+    def encoder_options(self, *, retrieval: bool = True, caption: bool = True) -> EncoderOptions:
+        """What loads the encoder: ``Blip2Encoder.from_pretrained(**settings.encoder_options())``;
+        ``retrieval=False`` / ``caption=False`` skip a model."""
+        return EncoderOptions(
+            retrieval=self.retrieval_model if retrieval else None,
+            caption=(self.caption_model or None) if caption else None,
+            device=self.device,
+            dtype=self.dtype,
+            batch_size=self.batch_size,
+        )
+
+    def vector_index_options(self) -> VectorIndexOptions:
+        """How the vector index is built and searched: the fields of ``catalog.index_store``'s
+        ``VectorIndexOptions``, as in ``VectorIndexOptions(**settings.vector_index_options())``."""
+        return VectorIndexOptions(
+            kind=self.vector_index_kind,
+            ivf_threshold=self.vector_index_ivf_threshold,
+            ivf_threshold_cuda=self.vector_index_ivf_threshold_cuda,
+            ivf_codec=self.vector_index_ivf_codec,
+            nlist=self.vector_index_nlist,
+            nprobe=self.vector_index_nprobe,
+            device=self.vector_index_device,
+        )
+
+    def as_env(self) -> dict[str, str]:
+        """Environment variables that reproduce these settings in a child process (unset: None)."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            env[f"BLIP2_{name.upper()}"] = ",".join(value) if isinstance(value, tuple) else str(value)
+        return env
 
 
 @lru_cache

@@ -20,7 +20,7 @@ import logging
 import random
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from blip2_embed.encoder import lm_text_ids
 from blip2_embed.images import ImageSpec, load_image
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,13 @@ class CaptionedImage:
     image: Path
     captions: tuple[str, ...]
     split: str = "train"
+    # Partial descriptions (search-style queries, a JSONL line's "queries"): retrieval training mixes
+    # them into its texts; captioning never trains on them.
+    queries: tuple[str, ...] = ()
+
+    def texts(self) -> frozenset[str]:
+        """Every text that describes this image: a text of the batch is a positive when it is one."""
+        return frozenset(self.captions) | frozenset(self.queries)
 
 
 # ---------------------------------------------------------------------------------------------- readers
@@ -126,6 +134,13 @@ def load_captions(
     if source.suffix == ".jsonl":
         objs = [json.loads(line) for line in text.splitlines() if line.strip()]
         items = _merge([(_image_key(o), _caption_list(o), o.get("split", "train")) for o in objs], root)
+        queries: dict[Path, list[str]] = {}
+        for o in objs:
+            if o.get("queries"):
+                rel = Path(_image_key(o))
+                queries.setdefault(rel if rel.is_absolute() else root / rel, []).extend(o["queries"])
+        if queries:
+            items = [replace(i, queries=tuple(dict.fromkeys(queries.get(i.image, ())))) for i in items]
     else:
         items = _from_json(json.loads(text), root)
     if split is not None:
@@ -198,8 +213,27 @@ class CaptionDataset:
             raw = load_pixels([self.items[i].image for i in indices], self.spec)
         return normalize(raw, self.spec)
 
-    def sample_captions(self, indices: Sequence[int], rng: random.Random) -> list[str]:
-        return [rng.choice(self.items[i].captions) for i in indices]
+    def sample_captions(
+        self, indices: Sequence[int], rng: random.Random, query_ratio: float = 0.0
+    ) -> list[str]:
+        """One text per image: a caption, or with probability ``query_ratio`` one of its queries
+        (images without queries always give a caption)."""
+        out = []
+        for i in indices:
+            item = self.items[i]
+            if query_ratio and item.queries and rng.random() < query_ratio:
+                out.append(rng.choice(item.queries))
+            else:
+                out.append(rng.choice(item.captions))
+        return out
+
+    def positives(self, indices: Sequence[int], texts: Sequence[str]) -> torch.Tensor:
+        """(B, B) bool: image ``indices[i]`` matches ``texts[j]`` -- its own text, the same image
+        repeated, or another image that the text also describes ("a red circle" for every red circle)."""
+        sets = [self.items[i].texts() for i in indices]
+        same = torch.as_tensor(indices)[:, None] == torch.as_tensor(indices)[None, :]
+        described = torch.tensor([[t in s for t in texts] for s in sets], dtype=torch.bool)
+        return same | described
 
 
 class BatchSampler:
@@ -241,3 +275,19 @@ def tokenize(
         return_token_type_ids=False,
     )
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def tokenize_lm(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int, bos_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Caption-model targets ``[BOS] caption [EOS]``, right-padded: BOS through the same helper
+    inference uses (``blip2_embed.encoder.lm_text_ids``), whether or not the tokenizer adds one."""
+    rows = [[*lm_text_ids(tokenizer, t, bos_token_id), tokenizer.eos_token_id][:max_length] for t in texts]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.as_tensor(row)
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask}

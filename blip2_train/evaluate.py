@@ -19,6 +19,7 @@ import torch
 
 from blip2_embed.encoder import Blip2Encoder, VisionFeatures, max_sim
 from blip2_train.data import CaptionedImage, load_pixels, normalize
+from blip2_train.progress import ProgressCallback
 from blip2_train.scenes import SceneRecord, colour_and_shape_named
 
 log = logging.getLogger(__name__)
@@ -99,32 +100,105 @@ def pixels_of(items: Sequence[CaptionedImage], encoder: Blip2Encoder) -> torch.T
     return normalize(load_pixels([i.image for i in items], encoder.spec), encoder.spec)
 
 
+def _no_progress(phase: str, done: int, total: int) -> None:
+    pass
+
+
 def evaluate_retrieval(
-    encoder: Blip2Encoder, items: Sequence[CaptionedImage], k: int = 16, itm_batch: int = 512
+    encoder: Blip2Encoder,
+    items: Sequence[CaptionedImage],
+    k: int = 16,
+    itm_batch: int = 512,
+    progress: ProgressCallback | None = None,
+    chunk: int = 256,
 ) -> RetrievalReport:
-    """Image-text retrieval on ``items`` (each image with its captions), both directions."""
+    """Image-text retrieval on ``items`` (each image with its captions), both directions.
+
+    ``progress(phase, done, total)`` hears about each chunk of images and texts and each ITM batch.
+    """
+    report = progress or _no_progress
     texts = [c for item in items for c in item.captions]
     text_image = np.array([i for i, item in enumerate(items) for _ in item.captions])
-    feats = encoder.vision_features(pixels_of(items, encoder))
-    image_vecs = encoder.embed_images(feats)
-    text_vecs = encoder.embed_texts(texts)
-    itc = max_sim(image_vecs, text_vecs)  # (N images, M texts)
+    hidden, image_vecs = [], []
+    for s in range(0, len(items), chunk):
+        part = encoder.vision_features(pixels_of(items[s : s + chunk], encoder))
+        hidden.append(part.hidden)
+        image_vecs.append(encoder.embed_images(part))
+        report("images", min(s + chunk, len(items)), len(items))
+    feats = VisionFeatures(hidden=torch.cat(hidden))
+    text_parts = []
+    for s in range(0, len(texts), 4 * chunk):
+        text_parts.append(encoder.embed_texts(texts[s : s + 4 * chunk]))
+        report("texts", min(s + 4 * chunk, len(texts)), len(texts))
+    itc = max_sim(np.concatenate(image_vecs), np.concatenate(text_parts))  # (N images, M texts)
 
-    def itm_logit(image_idx: np.ndarray, text_idx: np.ndarray) -> np.ndarray:
+    def itm_logit(image_idx: np.ndarray, text_idx: np.ndarray, phase: str) -> np.ndarray:
         out = []
         for s in range(0, len(image_idx), itm_batch):
             ii, tt = image_idx[s : s + itm_batch], text_idx[s : s + itm_batch]
             sub = VisionFeatures(hidden=feats.hidden[torch.as_tensor(ii)])
             out.append(encoder.itm(sub, [texts[t] for t in tt]).logits[:, 1])
+            report(phase, min(s + itm_batch, len(image_idx)), len(image_idx))
         return np.concatenate(out)
 
     t2i_correct = [{int(i)} for i in text_image]
     i2t_correct = [set(np.flatnonzero(text_image == i).tolist()) for i in range(len(items))]
     itc_t2i = recall(_ranks(itc.T, t2i_correct))
     itc_i2t = recall(_ranks(itc, i2t_correct))
-    itm_t2i = recall(_ranks(_rerank(itc.T, k, lambda t, i: itm_logit(i, t)), t2i_correct))
-    itm_i2t = recall(_ranks(_rerank(itc, k, itm_logit), i2t_correct))
+    t2i_scores = _rerank(itc.T, k, lambda t, i: itm_logit(i, t, "ITM re-rank, text -> image"))
+    itm_t2i = recall(_ranks(t2i_scores, t2i_correct))
+    itm_i2t = recall(
+        _ranks(_rerank(itc, k, lambda i, t: itm_logit(i, t, "ITM re-rank, image -> text")), i2t_correct)
+    )
     return RetrievalReport(len(items), len(texts), k, itc_t2i, itc_i2t, itm_t2i, itm_i2t)
+
+
+@dataclass
+class ShortQueryReport:
+    """Top-1 of short colour + shape queries ("the red circle") over a gallery of scenes."""
+
+    queries: int
+    itc: float  # share whose ITC top hit has the query's colour and shape
+    itm: float  # the same after ITM re-ranks the ITC top k (the search API's re-rank)
+    colour_itc: float  # share whose ITC top hit has the right colour (any shape)
+    k: int
+
+
+SHORT_TEMPLATES: tuple[str, ...] = ("the {colour} {shape}", "a {colour} {shape}")
+
+
+def short_query_accuracy(
+    encoder: Blip2Encoder,
+    records: Sequence[SceneRecord],
+    root: str,
+    k: int = 16,
+    templates: Sequence[str] = SHORT_TEMPLATES,
+) -> ShortQueryReport:
+    """Each (colour, shape) of the single-object gallery, in each template, as a text query: does the
+    top image have that colour and that shape? ITC alone and ITC top-k re-ranked by ``ITM + ITC``."""
+    items = [CaptionedImage(Path(root) / r.image, tuple(r.captions)) for r in records]
+    attrs = [(r.objects[0]["colour"], r.objects[0]["shape"]) for r in records]
+    combos = sorted(set(attrs))
+    texts = [t.format(colour=c, shape=s) for c, s in combos for t in templates]
+    wanted = [(c, s) for c, s in combos for _ in templates]
+    feats = encoder.vision_features(pixels_of(items, encoder))
+    itc = max_sim(encoder.embed_images(feats), encoder.embed_texts(texts)).T  # (texts, images)
+    depth = min(k, len(items))
+    top = np.argsort(-itc, axis=1, kind="stable")[:, :depth]
+    rows = np.repeat(np.arange(len(texts)), depth)
+    cols = top.reshape(-1)
+    logits = encoder.itm(
+        VisionFeatures(hidden=feats.hidden[torch.as_tensor(cols)]), [texts[r] for r in rows]
+    ).logits[:, 1]
+    fused = (logits + itc[rows, cols]).reshape(len(texts), depth)
+    best_itc = top[:, 0]
+    best_itm = top[np.arange(len(texts)), np.argmax(fused, axis=1)]
+    hit_itc = [attrs[j] == w for j, w in zip(best_itc, wanted, strict=True)]
+    hit_itm = [attrs[j] == w for j, w in zip(best_itm, wanted, strict=True)]
+    colour = [attrs[j][0] == w[0] for j, w in zip(best_itc, wanted, strict=True)]
+    return ShortQueryReport(
+        len(texts), float(np.mean(hit_itc)), float(np.mean(hit_itm)), float(np.mean(colour)), depth
+    )
 
 
 @dataclass

@@ -133,7 +133,10 @@ class Stage0(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         image_ids: torch.Tensor,
+        positive: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Symmetric InfoNCE; ``positive`` (B, B) bool marks matching (image, text) pairs (default:
+        equal ``image_ids``)."""
         image = F.normalize(self.image_head(vision_embeds(self.model, pixels)[:, 0]), dim=-1)
         m = self.model
         hidden = m.qformer(
@@ -143,9 +146,12 @@ class Stage0(nn.Module):
         with torch.no_grad():
             self.temperature.clamp_(0.001, 0.5)
         logits = image.float() @ text.float().t() / self.temperature
-        positive = (image_ids[:, None] == image_ids[None, :]).float()
-        targets = positive / positive.sum(dim=1, keepdim=True)
-        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets.t())) / 2
+        if positive is None:
+            positive = image_ids[:, None] == image_ids[None, :]
+        pos = positive.to(logits.device).float()
+        targets = pos / pos.sum(dim=1, keepdim=True)
+        targets_t = pos.t() / pos.t().sum(dim=1, keepdim=True)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets_t)) / 2
 
 
 @dataclass
@@ -262,9 +268,11 @@ class Stage1(nn.Module):
         attention_mask: torch.Tensor,
         image_ids: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        positive: torch.Tensor | None = None,
     ) -> Stage1Output:
         """Losses on a batch of B (image, caption) pairs; pairs with equal ``image_ids`` count as matches
-        (so a repeated image is never its own negative). ``generator`` drives hard-negative sampling."""
+        (so a repeated image is never its own negative), or those ``positive`` (B, B) bool marks (a text
+        that describes several images of the batch). ``generator`` drives hard-negative sampling."""
         b = pixels.shape[0]
         device = pixels.device
         if image_ids is None:
@@ -277,18 +285,24 @@ class Stage1(nn.Module):
             self.temperature.clamp_(0.001, 0.5)
         sim = torch.einsum("iqd,jd->ijq", image_feats.float(), text_feats.float()).amax(dim=-1)
         logits_i2t = sim / self.temperature
-        positive = image_ids[:, None] == image_ids[None, :]
+        if positive is None:
+            positive = image_ids[:, None] == image_ids[None, :]
+        positive = positive.to(device)
         targets = positive.float() / positive.float().sum(dim=1, keepdim=True)
+        targets_t = positive.t().float() / positive.t().float().sum(dim=1, keepdim=True)
         itc = (
             F.cross_entropy(logits_i2t, targets, label_smoothing=self.label_smoothing)
-            + F.cross_entropy(logits_i2t.t(), targets.t(), label_smoothing=self.label_smoothing)
+            + F.cross_entropy(logits_i2t.t(), targets_t, label_smoothing=self.label_smoothing)
         ) / 2
 
         # ITM with hard negatives drawn from the ITC similarities (true pairs excluded).
         with torch.no_grad():
             # The small floor keeps every non-matching pair drawable when the softmax underflows.
             w_i2t = (F.softmax(logits_i2t.float(), dim=1) + 1e-5).masked_fill(positive, 0)
-            w_t2i = (F.softmax(logits_i2t.t().float(), dim=1) + 1e-5).masked_fill(positive, 0)
+            w_t2i = (F.softmax(logits_i2t.t().float(), dim=1) + 1e-5).masked_fill(positive.t(), 0)
+            # A text that describes every image of the batch has no negative: draw any (vanishingly rare).
+            w_i2t[w_i2t.sum(dim=1) == 0] = 1.0
+            w_t2i[w_t2i.sum(dim=1) == 0] = 1.0
             neg_text = torch.multinomial(w_i2t.cpu(), 1, generator=generator).squeeze(1).to(device)
             neg_image = torch.multinomial(w_t2i.cpu(), 1, generator=generator).squeeze(1).to(device)
         itm_images = torch.cat([image_embeds, image_embeds, image_embeds[neg_image]])

@@ -17,7 +17,7 @@ import itertools
 import json
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -135,6 +135,8 @@ class SceneRecord:
     captions: list[str]
     background: str
     objects: list[dict[str, str]] = field(default_factory=list)
+    # Partial descriptions (what people type into a search box); empty unless asked for.
+    queries: list[str] = field(default_factory=list)
 
 
 def _object_phrase(obj: SceneObject, rng: random.Random) -> tuple[str, str]:
@@ -176,6 +178,34 @@ def captions_for(scene: Scene, n: int = 5, seed: int | None = None) -> list[str]
             if len(out) == n:
                 break
     return out
+
+
+ARTICLES: tuple[str, ...] = ("a ", "the ", "")
+
+
+def queries_for(scene: Scene, seed: int | None = None) -> list[str]:
+    """Partial descriptions of the scene's objects, as search queries are typed ("the red circle").
+
+    Per object: colour + shape and shape alone with every article (so each such string is in the list
+    of *every* image it describes, which lets training treat it as a positive of all of them), and one
+    phrasing each of size + colour + shape, colour + shape + position, colour + shape + background and
+    size + colour + shape + position.
+    """
+    rng = random.Random(f"queries:{scene.seed if seed is None else seed}")
+    out: list[str] = []
+    for obj in scene.objects:
+        what = f"{obj.colour} {obj.shape}"
+        out += [f"{art}{what}" for art in ARTICLES]
+        out += [f"{art}{obj.shape}" for art in ARTICLES[:2]]
+        size = rng.choice(SIZE_WORDS[obj.size])
+        where = rng.choice(POSITION_PHRASES[obj.position])
+        out += [
+            f"a {size} {what}",
+            f"a {what} {where}",
+            f"a {what} on a {scene.background} background",
+            f"a {size} {what} {where}",
+        ]
+    return list(dict.fromkeys(out))
 
 
 def sample_scene(seed: int, index: int, max_objects: int = 1) -> Scene:
@@ -259,7 +289,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
 
 
 def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple[int, int, int]:
-    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)  # type: ignore[return-value]
+    r, g, b = (max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)
+    return r, g, b
 
 
 def render(scene: Scene, size: int = 128, jitter: float = 0.25) -> Image.Image:
@@ -307,13 +338,18 @@ def generate_dataset(
     split: str = "test",
     image_format: str = "png",
     jitter: float = 0.25,
+    queries: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> list[SceneRecord]:
     """Write ``n`` scenes to ``folder``: ``images/*.png``, ``captions.jsonl`` and ``karpathy.json``.
 
     ``captions.jsonl`` has one ``{"image", "captions", "background", "objects"}`` per line (paths
     relative to ``folder``); ``karpathy.json`` is the Karpathy split layout (``images[*].filepath``,
     ``filename``, ``split``, ``sentences[*].raw``) with every image in ``split``. Both are read by
-    ``blip2_train.data.load_captions``, and the image folder is what the demo indexes.
+    ``blip2_train.data.load_captions``, and the image folder is what the demo indexes. With
+    ``queries`` each ``captions.jsonl`` line also has ``"queries"`` (``queries_for``): partial
+    descriptions that retrieval training mixes into its texts (never into caption training).
+    ``progress("scenes", done, n)`` hears about every scene written.
     """
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -327,11 +363,17 @@ def generate_dataset(
                 captions=captions_for(scene, captions_per_image),
                 background=scene.background,
                 objects=[asdict(o) for o in scene.objects],
+                queries=queries_for(scene) if queries else [],
             )
         )
+        if progress is not None:
+            progress("scenes", i + 1, n)
     with open(folder / "captions.jsonl", "w") as fh:
         for rec in records:
-            fh.write(json.dumps(asdict(rec)) + "\n")
+            row = asdict(rec)
+            if not row["queries"]:
+                del row["queries"]  # the layout of datasets made without queries stays as it was
+            fh.write(json.dumps(row) + "\n")
     karpathy = {
         "dataset": f"blip2-scenes-seed{seed}",
         "images": [

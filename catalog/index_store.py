@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 import numpy as np
 from sqlalchemy import Engine
@@ -31,11 +31,8 @@ from catalog.vector_index import (
     IvfCodec,
     MultiVectorIndex,
     auto_nlist,
+    index_device,
 )
-from catalog.vector_index import index_device as resolve_device  # "cpu" / "cuda", not a torch.device
-
-if TYPE_CHECKING:
-    from blip2_search.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -45,36 +42,21 @@ class StaleIndexError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
-class IndexOptions:
-    """How to build and search vector indexes; :meth:`from_settings` reads the project settings."""
+class VectorIndexOptions:
+    """How to build and search vector indexes (the settings give them:
+    ``VectorIndexOptions(**settings.vector_index_options())``)."""
 
-    kind: str = "auto"  # "auto" | "flat" | "ivf"
+    kind: IndexKind | Literal["auto"] = "auto"
     ivf_threshold: int = 250_000
     ivf_threshold_cuda: int = 2_000_000
     ivf_codec: IvfCodec = "sq8"
     nlist: int | None = None
     nprobe: int = 32
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> IndexOptions:
-        return cls(
-            kind=settings.vector_index_kind,
-            ivf_threshold=settings.vector_index_ivf_threshold,
-            ivf_threshold_cuda=settings.vector_index_ivf_threshold_cuda,
-            ivf_codec=settings.vector_index_ivf_codec,  # type: ignore[arg-type]
-            nlist=settings.vector_index_nlist,
-            nprobe=settings.vector_index_nprobe,
-            device=settings.vector_index_device,
-        )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-def _options(options: IndexOptions | Settings | None) -> IndexOptions:
-    if options is None:
-        return IndexOptions()
-    if isinstance(options, IndexOptions):
-        return options
-    return IndexOptions.from_settings(options)
+def _options(options: VectorIndexOptions | None) -> VectorIndexOptions:
+    return VectorIndexOptions() if options is None else options
 
 
 def index_path(index_dir: str | Path, model_key: str) -> Path:
@@ -85,7 +67,7 @@ def index_path(index_dir: str | Path, model_key: str) -> Path:
 
 
 def choose_kind(
-    n_images: int, options: IndexOptions, device: str, current: IndexKind | None = None
+    n_images: int, options: VectorIndexOptions, device: str, current: IndexKind | None = None
 ) -> IndexKind:
     """The index kind for a collection of ``n_images``.
 
@@ -93,15 +75,17 @@ def choose_kind(
     much longer, hence its own threshold) and IVF above it; an IVF index only goes back to flat below
     half the threshold, so a collection hovering at the threshold does not flip on every change.
     """
-    if options.kind in ("flat", "ivf"):
-        return options.kind  # type: ignore[return-value]
+    if options.kind != "auto":
+        return options.kind
     threshold = options.ivf_threshold_cuda if device == "cuda" else options.ivf_threshold
     if current == "ivf":
         return "ivf" if n_images > threshold // 2 else "flat"
     return "ivf" if n_images > threshold else "flat"
 
 
-def rebuild_reason(index: MultiVectorIndex, options: IndexOptions, n_images: int | None = None) -> str | None:
+def rebuild_reason(
+    index: MultiVectorIndex, options: VectorIndexOptions, n_images: int | None = None
+) -> str | None:
     """Why ``index`` should be rebuilt rather than caught up, or None.
 
     ``n_images``: the collection size to judge by (default: the index's own size).
@@ -117,12 +101,12 @@ def rebuild_reason(index: MultiVectorIndex, options: IndexOptions, n_images: int
 
 
 def build_from_catalog(
-    engine: Engine, model_key: str, options: IndexOptions | Settings | None = None, *, batch_size: int = 1024
+    engine: Engine, model_key: str, options: VectorIndexOptions | None = None, *, batch_size: int = 1024
 ) -> MultiVectorIndex:
     """A new index of every live image with an embedding under ``model_key``, stamped with the
     published generation (read before the rows, so anything newer is re-applied by the next catch-up)."""
     opts = _options(options)
-    device = resolve_device(opts.device)
+    device = index_device(opts.device)
     with Session(engine) as session:
         state = repo.generation_state(session)
         n_images = repo.count_index_members(session, model_key, state.published_generation)
@@ -211,7 +195,7 @@ def open_vector_index(
     engine: Engine,
     model_key: str,
     path: str | Path,
-    options: IndexOptions | Settings | None = None,
+    options: VectorIndexOptions | None = None,
     *,
     save: bool = True,
 ) -> MultiVectorIndex:
@@ -258,7 +242,7 @@ class LiveIndex:
         engine: Engine,
         model_key: str,
         path: str | Path,
-        options: IndexOptions | Settings | None = None,
+        options: VectorIndexOptions | None = None,
     ) -> None:
         self.engine = engine
         self.model_key = model_key

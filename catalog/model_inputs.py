@@ -20,11 +20,11 @@ import io
 import json
 import logging
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
-from blip2_embed.images import ImageSpec
 from catalog.content_files import ContentFiles, write_atomic
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,18 @@ _WEBP_OPTIONS = {"lossless": True, "method": 0, "quality": 0, "exact": True}
 _MARKER = "backfill.json"
 
 
-def spec_key(spec: ImageSpec) -> str:
+class InputSpec(Protocol):
+    """What the store needs of a checkpoint's input spec (``blip2_embed.images.ImageSpec`` has it): the
+    catalog knows no model code."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def resample(self) -> int: ...
+
+
+def spec_key(spec: InputSpec) -> str:
     """The folder name of one input spec, e.g. ``224px-bicubic``."""
     return f"{spec.size}px-{Image.Resampling(spec.resample).name.lower()}"
 
@@ -55,7 +66,7 @@ class ModelInputStore(ContentFiles):
 
     suffix = ".webp"
 
-    def __init__(self, root: Path, spec: ImageSpec) -> None:
+    def __init__(self, root: Path, spec: InputSpec) -> None:
         super().__init__(Path(root) / spec_key(spec))
         self.root = Path(root)
         self.spec = spec

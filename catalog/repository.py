@@ -393,7 +393,8 @@ def image_paths(session: Session, image_ids: Iterable[int]) -> dict[int, list[Pa
             .order_by(File.image_id, LibraryRoot.path, File.relative_path)
         )
         for image_id, root, rel in rows:
-            out.setdefault(image_id, []).append(Path(decode_path(root)) / decode_path(rel))
+            if image_id is not None:  # the query selects indexed files, which always have an image
+                out.setdefault(image_id, []).append(Path(decode_path(root)) / decode_path(rel))
     return out
 
 

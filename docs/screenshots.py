@@ -1,7 +1,7 @@
 """Screenshots of the web page for the docs: docs/img/page-desktop.png and docs/img/page-phone.png.
 
-The demo's setting (generated scenes, the shipped demo model in models/demo), indexed and served by a
-real server, photographed by Debian's Chromium through Playwright. Offline; about a minute on a CPU:
+The demo's setting (generated scenes, the shipped demo model in blip2_search/demo_model), indexed and
+served by a real server, photographed by Debian's Chromium through Playwright. Offline; about a minute on a CPU:
 
     .venv/bin/python docs/screenshots.py [--out docs/img]
 """
@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 import tempfile
 from pathlib import Path
 
 from PIL import Image
 
-from blip2_search.settings import Settings
-from search_api.testing import REPO_ROOT, ServerProcess, index_folder
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # the tests' helpers: a real indexing run and a server process
 
-DEMO = REPO_ROOT / "models" / "demo"
+from blip2_search.demo_model import DEMO_MODEL_DIR  # noqa: E402
+from blip2_search.settings import Settings  # noqa: E402
+from tests.support.catalog import index_folder  # noqa: E402
+from tests.support.server import ServerProcess  # noqa: E402
+
+DEMO = DEMO_MODEL_DIR
 CHROMIUM = "/usr/bin/chromium"
 QUERY = "/?q=a+red+circle&captions=8"
 VIEWPORTS = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}

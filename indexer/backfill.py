@@ -20,7 +20,8 @@ from indexer.decode import Decoded
 from indexer.pipeline import DecodePool
 
 if TYPE_CHECKING:
-    from indexer.run import Indexer, RunSummary
+    from indexer.phases import Indexer
+    from indexer.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def backfill_model_inputs(indexer: Indexer, summary: RunSummary) -> int:
     progress.start(len(work), summary)
     try:
         workers = min(indexer.options.workers, len(work))
-        with DecodePool(indexer.decode_config(), workers) as pool:
+        with DecodePool[tuple[str, Path]](indexer.decode_config(), workers) as pool:
             for (sha, path), result in pool.imap(work, lambda w: str(w[1])):
                 if isinstance(result, Decoded) and result.sha256 == sha:
                     indexer.write_files(sha, result)

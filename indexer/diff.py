@@ -184,11 +184,11 @@ def make_plan(
     gone_hashes: set[str] = set()
     present = {root: {f.rel for f in files} for root, files in scanned.items()}
     for root in scanned:
-        for rel, old in catalog.get(root, {}).items():
-            if rel not in present[root] and old.status != "deleted":
+        for rel, row in catalog.get(root, {}).items():
+            if rel not in present[root] and row.status != "deleted":
                 plan.deleted.append((root, rel))
-                if old.sha256:
-                    gone_hashes.add(old.sha256)
+                if row.sha256:
+                    gone_hashes.add(row.sha256)
 
     # Decide each path's content hash (or failure) first, then ask the catalog about all hashes at once.
     resolved: list[tuple[ScannedFile, CatalogFile | None, str]] = []
@@ -197,7 +197,7 @@ def make_plan(
         for f in files:
             if (root, f.rel) in known_failures:
                 continue
-            old = old_files.get(f.rel)
+            old: CatalogFile | None = old_files.get(f.rel)
             where = encode_path(f.path)
             if f.error is not None:
                 plan.failed.append(Failure(f, f.error, f"{where}: {f.error}"))
@@ -214,7 +214,9 @@ def make_plan(
                     continue
                 sha = h
             else:
-                sha = old.sha256  # type: ignore[union-attr]  # _needs_hash is False only with a hash
+                # _needs_hash is False only for a catalog row with a hash.
+                assert old is not None and old.sha256 is not None
+                sha = old.sha256
             resolved.append((f, old, sha))
 
     all_hashes = {sha for _, _, sha in resolved}

@@ -13,17 +13,16 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from catalog.index_store import index_path, open_vector_index
+from catalog.index_store import VectorIndexOptions, index_path, open_vector_index
 
 log = logging.getLogger(__name__)
 
 
-def catch_up_index(engine: Engine, model_key: str, index_dir: Path, options: object | None = None) -> Path:
-    """Update (or build) the index file of ``model_key`` under ``index_dir``; returns its path.
-
-    ``options``: ``catalog.index_store.IndexOptions`` or the settings object (None: defaults).
-    """
+def catch_up_index(
+    engine: Engine, model_key: str, index_dir: Path, options: VectorIndexOptions | None = None
+) -> Path:
+    """Update (or build) the index file of ``model_key`` under ``index_dir``; returns its path."""
     path = index_path(index_dir, model_key)
-    index = open_vector_index(engine, model_key, path, options)  # type: ignore[arg-type]
+    index = open_vector_index(engine, model_key, path, options)
     log.info("vector index %s: %d images at generation %d", path, len(index), index.generation)
     return path

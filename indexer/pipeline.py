@@ -20,12 +20,15 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
 import torch
 
 from indexer.decode import DecodeConfig, Decoded, DecodeFailure, decode_file, init_worker
+
+if TYPE_CHECKING:
+    from blip2_embed.encoder import Blip2Encoder
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ class DecodePool(Generic[T]):
             for item in items:
                 yield item, decode_file(path_of(item), self.config)
             return
-        pending: deque[tuple[T, Future]] = deque()
+        pending: deque[tuple[T, Future[Decoded | DecodeFailure]]] = deque()
         it = iter(items)
         exhausted = False
         while True:
@@ -113,7 +116,11 @@ class ModelOutput:
 
 
 def run_model(
-    encoder, pixels: np.ndarray, want_embed: list[bool], want_caption: list[bool], caption_prompt: str | None
+    encoder: Blip2Encoder,
+    pixels: np.ndarray,
+    want_embed: list[bool],
+    want_caption: list[bool],
+    caption_prompt: str | None,
 ) -> ModelOutput:
     """ViT once per image; ITC embeddings and OPT captions from the same features."""
     n = len(pixels)
@@ -145,7 +152,7 @@ class WriterThread(Generic[T]):
     write: Callable[[T], None]
     timings: Timings
     depth: int = 2
-    _queue: queue.Queue = field(init=False)
+    _queue: queue.Queue[T | None] = field(init=False)
     _thread: threading.Thread = field(init=False)
     _error: BaseException | None = field(default=None, init=False)
 

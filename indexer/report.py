@@ -1,6 +1,12 @@
-"""Rich progress bar and final summary of an indexing run."""
+"""How the CLI shows an indexing run: a Rich bar on a terminal, plain periodic lines elsewhere, the
+final summary, and the lines of ``index --watch``."""
 
 from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -9,6 +15,7 @@ from rich.progress import (
     Progress,
     ProgressColumn,
     Task,
+    TaskID,
     TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
@@ -16,7 +23,9 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from indexer.run import ProgressSink, RunSummary
+from indexer.progress import ProgressSink
+from indexer.summary import RunSummary
+from indexer.watch import WatchSummary
 
 
 class RateColumn(ProgressColumn):
@@ -36,10 +45,12 @@ def _counts(summary: RunSummary) -> str:
 
 
 class RichProgress(ProgressSink):
+    """A live bar: done/total, rate, time left and the counts so far."""
+
     def __init__(self, console: Console) -> None:
         self.console = console
         self._progress: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
 
     def start(self, total: int, summary: RunSummary) -> None:
         self._progress = Progress(
@@ -57,13 +68,51 @@ class RichProgress(ProgressSink):
         self._task = self._progress.add_task("index", total=total, counts=_counts(summary))
 
     def advance(self, n: int, summary: RunSummary) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.update(self._task, advance=n, counts=_counts(summary))
 
     def stop(self) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+class PlainProgress(ProgressSink):
+    """One line when the work starts, then one every ``interval`` seconds and one at the end: what a
+    log file or a pipe can hold (no control codes, no redrawing)."""
+
+    def __init__(self, stream: TextIO, interval: float = 10.0) -> None:
+        self.stream = stream
+        self.interval = interval
+        self._total = self._done = 0
+        self._started = self._last = 0.0
+        self._summary: RunSummary | None = None
+
+    def start(self, total: int, summary: RunSummary) -> None:
+        self._total, self._done, self._summary = total, 0, summary
+        self._started = self._last = time.monotonic()
+        self._line("indexing")
+
+    def advance(self, n: int, summary: RunSummary) -> None:
+        self._done += n
+        self._summary = summary
+        if time.monotonic() - self._last >= self.interval:
+            self._line("indexing")
+
+    def stop(self) -> None:
+        if self._summary is not None:
+            self._line("indexed")
+            self._summary = None
+
+    def _line(self, verb: str) -> None:
+        self._last = now = time.monotonic()
+        elapsed = now - self._started
+        rate = self._done / elapsed if elapsed > 0 else 0.0
+        counts = _counts(self._summary) if self._summary is not None else ""
+        self.stream.write(
+            f"{verb} {self._done}/{self._total} ({rate:.1f} img/s, {elapsed:.0f} s)  {counts}\n"
+        )
+        self.stream.flush()
 
 
 def _list(console: Console, title: str, columns: list[str], rows: list[tuple[str, ...]], limit: int) -> None:
@@ -86,7 +135,7 @@ def render_summary(console: Console, summary: RunSummary, max_failures: int = 50
     table = Table(title=title, show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
-    rows = [
+    rows: list[tuple[str, object]] = [
         ("new", summary.new),
         ("changed", summary.changed),
         ("unchanged", summary.unchanged),
@@ -124,3 +173,48 @@ def render_summary(console: Console, summary: RunSummary, max_failures: int = 50
         [(w.path, w.reason) for w in summary.warnings],
         max_failures,
     )
+
+
+def report_watch_run(console: Console, summary: RunSummary, initial: bool, as_json: bool) -> None:
+    """The initial run of ``--watch`` as a full summary, each batch after it as one line (``--json``:
+    one JSON object per run on stdout)."""
+    if as_json:
+        sys.stdout.write(json.dumps(summary.as_dict()) + "\n")
+        sys.stdout.flush()
+        return
+    if initial:
+        render_summary(console, summary)
+        return
+    what = f"generation {summary.generation}" if summary.published else "no change"
+    fresh = [f for f in summary.failures if not f.known]
+    console.print(
+        f"{what}: new {summary.new}  changed {summary.changed}  moved {summary.moved}  "
+        f"deleted {summary.deleted}  failed {len(fresh)}  ({summary.seconds:.1f} s)",
+        markup=False,
+        highlight=False,
+    )
+    for f in fresh:
+        console.print(f"  failed: {f.path}: {f.reason}", markup=False, highlight=False)
+
+
+def render_watch_summary(console: Console, watched: WatchSummary) -> None:
+    table = Table(title="watch stopped", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    generations = watched.generations
+    rows = [
+        ("batches", watched.batches),
+        ("generations published", len(generations)),
+        ("last generation", generations[-1] if generations else "-"),
+        ("new", watched.new),
+        ("changed", watched.changed),
+        ("moved", watched.moved),
+        ("deleted", watched.deleted),
+        ("failed", watched.failed),
+        ("embedded", watched.embedded),
+        ("captioned", watched.captioned),
+        ("seconds", f"{watched.seconds:.1f}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    console.print(table)

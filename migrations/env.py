@@ -1,12 +1,14 @@
 """Alembic environment: runs the revisions on the connection that ``catalog.db`` hands over.
 
 Run by hand (``alembic upgrade head`` with ``alembic.ini`` at the repository root), the URL comes from
-``-x url=...``, else from the project settings (``DATABASE_URL`` / ``BLIP2_DATABASE_URL`` or the SQLite file
-in the data directory).
+``-x url=...``, else from ``BLIP2_DATABASE_URL`` / ``DATABASE_URL`` in the environment (a SQLAlchemy URL).
+The project settings are not read here: the migrations sit below them; ``blip2-search db upgrade`` is
+the command that applies every setting.
 """
 
 from __future__ import annotations
 
+import os
 from logging.config import fileConfig
 
 from alembic import context
@@ -22,11 +24,13 @@ target_metadata = Base.metadata
 
 def _url() -> str:
     url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
-    if url:
-        return url
-    from blip2_search.settings import get_settings
-
-    return get_settings().resolved_database_url
+    url = url or os.environ.get("BLIP2_DATABASE_URL") or os.environ.get("DATABASE_URL")
+    if not url:
+        raise SystemExit(
+            "no database URL: run `alembic -x url=sqlite:////path/catalog.db upgrade head`, set "
+            "DATABASE_URL, or use `blip2-search db upgrade` (which reads the project settings)"
+        )
+    return url
 
 
 def _run(connection: Connection) -> None:

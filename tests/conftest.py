@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from blip2_embed.testing import TinyCheckpoints, build_tiny_checkpoints
+from blip2_train.scratch import TinyCheckpoints, build_tiny_checkpoints
 
 # Catalog fixtures (SQLite and Postgres variants of a migrated catalog) live in their own module.
 pytest_plugins = ["tests.conftest_catalog"]

@@ -12,9 +12,9 @@ from sqlalchemy.orm import Session
 
 from catalog import repository as repo
 from catalog.index_store import (
-    IndexOptions,
     LiveIndex,
     StaleIndexError,
+    VectorIndexOptions,
     build_from_catalog,
     catch_up,
     choose_kind,
@@ -26,7 +26,7 @@ from catalog.vector_index import MultiVectorIndex
 
 MODEL = "test/retrieval@1"
 V, D = 32, 8
-FLAT = IndexOptions(kind="flat", device="cpu")
+FLAT = VectorIndexOptions(kind="flat", device="cpu")
 
 
 def unit(seed: int, n: int = 1) -> np.ndarray:
@@ -180,7 +180,7 @@ def test_unusable_files_are_rebuilt(catalog_engine: Engine, tmp_path: Path) -> N
 def test_live_index_refreshes_and_switches_kind_by_size(catalog_engine: Engine, tmp_path: Path) -> None:
     lib = Library(catalog_engine, tmp_path / "photos")
     lib.run(add={f"{i}.jpg": i for i in range(60)})
-    auto = IndexOptions(kind="auto", ivf_threshold=50, device="cpu", nprobe=64)
+    auto = VectorIndexOptions(kind="auto", ivf_threshold=50, device="cpu", nprobe=64)
     live = LiveIndex(catalog_engine, MODEL, tmp_path / "m.mvidx", auto)
     assert live.index.kind == "ivf" and len(live.index) == 60
     first = live.index
@@ -200,14 +200,14 @@ def test_live_index_refreshes_and_switches_kind_by_size(catalog_engine: Engine, 
 
 
 def test_choose_kind() -> None:
-    opts = IndexOptions(kind="auto", ivf_threshold=100, ivf_threshold_cuda=1000)
+    opts = VectorIndexOptions(kind="auto", ivf_threshold=100, ivf_threshold_cuda=1000)
     assert choose_kind(100, opts, "cpu") == "flat"
     assert choose_kind(101, opts, "cpu") == "ivf"
     assert choose_kind(101, opts, "cuda") == "flat"
     assert choose_kind(60, opts, "cpu", current="ivf") == "ivf"  # hysteresis
     assert choose_kind(50, opts, "cpu", current="ivf") == "flat"
-    assert choose_kind(10**9, IndexOptions(kind="flat"), "cpu") == "flat"
-    assert choose_kind(0, IndexOptions(kind="ivf"), "cpu") == "ivf"
+    assert choose_kind(10**9, VectorIndexOptions(kind="flat"), "cpu") == "flat"
+    assert choose_kind(0, VectorIndexOptions(kind="ivf"), "cpu") == "ivf"
 
 
 def test_index_path_is_safe_and_distinct(tmp_path: Path) -> None:
@@ -220,5 +220,6 @@ def test_index_path_is_safe_and_distinct(tmp_path: Path) -> None:
 def test_options_from_settings() -> None:
     from blip2_search.settings import Settings
 
-    opts = IndexOptions.from_settings(Settings(vector_index_kind="ivf", vector_index_nprobe=7))
+    settings = Settings(vector_index_kind="ivf", vector_index_nprobe=7)
+    opts = VectorIndexOptions(**settings.vector_index_options())
     assert (opts.kind, opts.nprobe) == ("ivf", 7)

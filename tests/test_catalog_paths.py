@@ -18,7 +18,7 @@ from catalog import repository as repo
 from catalog.models import FileStatus
 from catalog.paths import decode_path, encode_path, safe_text
 from search_api.app import create_app
-from search_api.testing import index_folder, jpeg_bytes
+from tests.support.catalog import index_folder, jpeg_bytes
 
 NAMES = [
     b"plain.jpg",

@@ -16,7 +16,7 @@ from transformers import (
     BlipImageProcessorPil,
 )
 
-from blip2_embed.encoder import Blip2Encoder, max_sim
+from blip2_embed.encoder import Blip2Encoder, lm_text_ids, max_sim
 from blip2_embed.errors import ModelNotFoundError
 
 TEXTS = ["a red circle", "two blue squares on a white background", "a tiny green star in the corner"]
@@ -115,6 +115,33 @@ def test_greedy_captions_match_generate_token_for_token(
     assert texts == [s.strip() for s in processor.tokenizer.batch_decode(expected, skip_special_tokens=True)]
 
 
+@torch.no_grad()
+def test_prompted_captions_start_with_bos_whatever_the_tokenizer(
+    encoder, tiny_checkpoints, tmp_path, sample_images
+):
+    # The same caption checkpoint, but its tokenizer adds no BOS (OPT's adds one; many others none).
+    folder = tmp_path / "caption-no-bos"
+    shutil.copytree(tiny_checkpoints.caption, folder)
+    AutoTokenizer.from_pretrained(folder, add_bos_token=False).save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    prompt = "Question: what is in the picture? Answer:"
+    bos = encoder.caption_model.config.text_config.bos_token_id
+    assert bos not in tok(prompt)["input_ids"]  # the premise
+    assert lm_text_ids(tok, prompt, bos) == [bos, *tok(prompt)["input_ids"]]
+    assert lm_text_ids(tok, None, bos) == [bos]  # the no-prompt path: what stage-2 training starts with
+    no_bos = Blip2Encoder.from_pretrained(None, str(folder), device="cpu", batch_size=4)
+    images = sample_images[:3]
+    # [image] * 32 + [BOS] + prompt either way, so the model answers as with OPT's tokenizer.
+    with_bos = encoder.caption_token_ids(images, prompt, max_new_tokens=12)
+    assert no_bos.caption_token_ids(images, prompt, max_new_tokens=12) == with_bos
+    model = Blip2ForConditionalGeneration.from_pretrained(folder).eval()
+    ids = torch.tensor([[model.config.image_token_index] * 32 + tok(prompt)["input_ids"]] * len(images))
+    pixels = hf_pixels(folder, images)
+    without = model.generate(pixel_values=pixels, input_ids=ids, max_new_tokens=12)[:, ids.shape[1] :]
+    pad = tok.pad_token_id
+    assert [[t for t in row if t != pad] for row in without.tolist()] != with_bos  # BOS matters here
+
+
 def test_shared_vit_is_detected_and_matches_separate_models(
     encoder, tiny_checkpoints, tmp_path, sample_images
 ):
@@ -183,3 +210,35 @@ def test_model_keys_are_stable_and_distinguish_weights(encoder, tiny_checkpoints
     assert again.retrieval_key == encoder.retrieval_key
     assert encoder.retrieval_key.startswith("retrieval@")
     assert encoder.caption_key != encoder.retrieval_key
+
+
+def test_locate_checkpoint_finds_folders_and_cached_hub_ids_without_loading(
+    tiny_checkpoints, tmp_path, monkeypatch
+):
+    from huggingface_hub import constants
+
+    from blip2_embed.loading import locate_checkpoint
+
+    assert locate_checkpoint(str(tiny_checkpoints.retrieval), "retrieval") == tiny_checkpoints.retrieval
+    with pytest.raises(ModelNotFoundError, match="does not exist") as err:
+        locate_checkpoint(str(tmp_path / "models/blip2-itm-vit-g"), "retrieval")
+    assert "hf download Salesforce/blip2-itm-vit-g --local-dir" in str(err.value)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half/config.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match="has no weights"):
+        locate_checkpoint(str(tmp_path / "half"), "caption")
+
+    # A hub id is looked up in the Hugging Face cache's own layout (refs/main -> snapshots/<rev>/).
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    with pytest.raises(ModelNotFoundError, match="not in the Hugging Face cache") as err:
+        locate_checkpoint("Salesforce/blip2-opt-2.7b", "caption")
+    assert "BLIP2_CAPTION_MODEL" in str(err.value)
+    repo = cache / "models--Salesforce--blip2-opt-2.7b"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs/main").write_text("0" * 40)
+    for name in ("config.json", "model.safetensors.index.json"):
+        (snapshot / name).write_text("{}")
+    assert locate_checkpoint("Salesforce/blip2-opt-2.7b", "caption") == snapshot

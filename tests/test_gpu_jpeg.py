@@ -79,7 +79,7 @@ def test_routing_sends_only_plain_complete_jpegs_to_the_gpu():
 
 def test_orientation_equals_pil_transposes():
     rgb = asymmetric_rgb(9, 5)
-    from blip2_embed.images import _UPRIGHT
+    from blip2_embed.images.decode import _UPRIGHT
 
     tensor = torch.from_numpy(rgb).permute(2, 0, 1)
     for orientation, op in _UPRIGHT.items():

@@ -587,7 +587,7 @@ def test_known_but_unaccepted_format_is_unsupported(tmp_path: Path) -> None:
 
 def test_format_without_decoder_is_unsupported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = encode(Image.new("RGB", (8, 8), "red"), "HEIF")
-    monkeypatch.setattr(images, "_pil_formats", lambda: ("JPEG", "PNG"))  # as if pillow-heif were absent
+    monkeypatch.setattr(images.sniff, "pil_formats", lambda: ("JPEG", "PNG"))  # as if pillow-heif were absent
     with pytest.raises(UnsupportedImageError):
         load_image(write(tmp_path, "x.heic", data))
 
@@ -640,7 +640,7 @@ def test_lenient_pillow_setting_is_reported(
     data = encode(Image.fromarray(photo_like(256, 192)), "JPEG")
     path = write(tmp_path, "cut.jpg", data[: len(data) * 2 // 3])
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
-    monkeypatch.setattr(images, "_warned_truncated_loading", False)
+    monkeypatch.setattr(images.decode, "_warned_truncated_loading", False)
     with caplog.at_level(logging.WARNING, logger="blip2_embed.images"):
         load_image(path)
     assert "LOAD_TRUNCATED_IMAGES" in caplog.text

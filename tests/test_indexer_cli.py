@@ -1,7 +1,7 @@
 """``blip2-search index`` as a user runs it.
 
-The crash tests run the CLI in subprocesses, stop each at a known point through the test-only pause
-hook (``BLIP2_INDEXER_TEST_PAUSE``), SIGKILL or SIGINT it, resume, and compare the end state with an
+The crash tests run the CLI in subprocesses, stop each at a known point through a progress sink that
+pauses at a stage (``tests.support.pause``), SIGKILL or SIGINT it, resume, and compare the end state with an
 uninterrupted run. Python + torch start-up dominates a subprocess here, so all scenarios run in
 parallel and the resumes and the reference run in-process (same code path, same settings).
 """
@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from catalog.db import make_engine, session_factory
-from indexer.index_sync import catch_up_index
-from indexer.run import IndexOptions, RunSummary, run_index
+from catalog.db import make_engine
+from indexer.run import IndexOptions, IndexTarget, RunSummary, run_index
 from tests.test_indexer_support import dump, write_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,23 +54,11 @@ def _library(root: Path) -> Path:
 
 def _index_in_process(encoder, lib: Path, data: Path) -> RunSummary:
     """What ``blip2-search index LIB`` does with the env of ``_env`` (settings defaults otherwise)."""
-    from catalog.db import upgrade
-
-    url = f"sqlite:///{data / 'catalog.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    try:
-        opts = IndexOptions(
-            roots=[lib], batch_size=BATCH, workers=0, thumbnail_dir=data / "thumbnails", thumbnail_size=32
-        )
-        return run_index(
-            session_factory(engine),
-            encoder,
-            opts,
-            after_publish=lambda s: catch_up_index(engine, encoder.retrieval_key, data / "index"),
-        )
-    finally:
-        engine.dispose()
+    opts = IndexOptions(
+        roots=[lib], batch_size=BATCH, workers=0, thumbnail_dir=data / "thumbnails", thumbnail_size=32
+    )
+    target = IndexTarget(f"sqlite:///{data / 'catalog.db'}", data / "indexer.lock", data / "index")
+    return run_index(target, encoder, opts)
 
 
 def _state(data: Path, model_key: str):
@@ -166,11 +153,9 @@ def test_killed_or_interrupted_runs_resume_to_the_exact_end_state(
         # One scenario decodes in a worker process (which must not outlive its killed parent); the others
         # decode in-process, which starts faster.
         workers = "1" if stage == "before-commit" else "0"
-        env = _env(
-            tiny_checkpoints, base / "data", BLIP2_INDEXER_TEST_PAUSE=pause, BLIP2_INDEX_WORKERS=workers
-        )
+        env = _env(tiny_checkpoints, base / "data", BLIP2_INDEX_WORKERS=workers)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "blip2_search.cli", "index", str(lib), "--json"],
+            [sys.executable, "-m", "tests.support.pause", pause, "index", str(lib), "--json"],
             env=env,
             cwd=REPO,
             stdout=subprocess.PIPE,
@@ -179,7 +164,7 @@ def test_killed_or_interrupted_runs_resume_to_the_exact_end_state(
         )
         procs.append((proc, marker, sig, base, lib))
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # five cold interpreters at once on a loaded 2-core machine
         waiting = list(procs)
         while waiting:
             for item in list(waiting):

@@ -18,11 +18,12 @@ from sqlalchemy.orm import Session
 
 from blip2_embed.encoder import clean_text
 from catalog import repository as repo
-from catalog.index_store import IndexOptions, build_from_catalog, index_path
+from catalog.index_store import VectorIndexOptions, build_from_catalog, index_path
 from catalog.vector_index import MultiVectorIndex
 from indexer.report import render_summary
 from indexer.roots import RootScope, plan_roots
-from indexer.run import TEST_PAUSE_ENV, RunSummary
+from indexer.run import RunSummary
+from tests.support.pause import PauseAt
 from tests.test_indexer_support import Env, NulCaptions, image_bytes, write_image
 
 
@@ -321,16 +322,16 @@ def test_a_rebuild_while_a_run_is_unpublished_equals_the_published_index(env: En
     (env.lib / "gone.jpg").unlink()
     write_image(env.lib / "new.jpg", 20)
     marker = env.tmp / "paused"
-    monkeypatch.setenv(TEST_PAUSE_ENV, f"before-publish:1:2.5:{marker}")
+    pause = PauseAt("before-publish", 1, 2.5, marker)
     results: list[RunSummary] = []
-    run = threading.Thread(target=lambda: results.append(env.index()))
+    run = threading.Thread(target=lambda: results.append(env.index(progress=pause)))
     run.start()
     try:
         deadline = time.monotonic() + 60
         while not marker.exists():
             assert run.is_alive() and time.monotonic() < deadline, "the run never reached before-publish"
             time.sleep(0.02)
-        rebuilt = build_from_catalog(env.engine, key, IndexOptions(kind="flat", device="cpu"))
+        rebuilt = build_from_catalog(env.engine, key, VectorIndexOptions(kind="flat", device="cpu"))
         state = _state(env)
         assert state.open_generation == state.published_generation + 1 == first.generation + 1  # still open
     finally:

@@ -16,8 +16,7 @@ from catalog.index_store import index_path
 from catalog.models import Caption, Embedding, File, IndexState, LibraryRoot
 from catalog.models import Image as ImageRow
 from catalog.vector_index import MultiVectorIndex
-from indexer.index_sync import catch_up_index
-from indexer.run import IndexOptions, RunSummary, run_index
+from indexer.run import IndexOptions, IndexTarget, RunSummary, run_index
 
 
 def image_bytes(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (64, 48), **params) -> bytes:
@@ -114,13 +113,18 @@ class Env:
         self.lib.mkdir()
         url = url or f"sqlite:///{tmp / 'catalog.db'}"
         upgrade(url)
+        self.url = url
         self.engine = make_engine(url)
         self.sessions = session_factory(self.engine)
         self.index_dir = tmp / "index"
         self.thumbs = tmp / "thumbs"
         self.encoder = CountingEncoder(encoder)
 
-    def index(self, *roots: Path, **options) -> RunSummary:
+    @property
+    def target(self) -> IndexTarget:
+        return IndexTarget(self.url, self.tmp / "indexer.lock", self.index_dir)
+
+    def index(self, *roots: Path, progress=None, **options) -> RunSummary:
         self.encoder.calls = dict.fromkeys(self.encoder.calls, 0)
         opts = IndexOptions(
             roots=list(roots) or [self.lib],
@@ -130,12 +134,7 @@ class Env:
             thumbnail_size=32,
             **options,
         )
-        return run_index(
-            self.sessions,
-            self.encoder,
-            opts,
-            after_publish=lambda s: catch_up_index(self.engine, self.encoder.retrieval_key, self.index_dir),
-        )
+        return run_index(self.target, self.encoder, opts, progress=progress)
 
     def dump(self):
         return dump(self.engine, self.encoder.retrieval_key, self.index_dir)

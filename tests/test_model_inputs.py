@@ -19,14 +19,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from blip2_embed.images import ImageSpec, decode_model_input, load_image, resize_for_model
+from blip2_search.demo_model import DEMO_MODEL_DIR
 from blip2_search.settings import Settings
 from catalog import repository as repo
 from catalog.model_inputs import ModelInputStore, encode_model_input, spec_key
-from indexer import run as indexer_run
 from indexer.run import IndexOptions, ProgressSink, RunSummary, run_index
 from search_api.app import create_app
-from search_api.testing import index_folder
 from tests.fixtures_images import encode, exif_bytes, photo_like, stored_for_orientation
+from tests.support.catalog import index_folder
 from tests.test_indexer_support import Env
 
 TEXT = "a red circle"
@@ -151,7 +151,7 @@ def measure(client: TestClient, encoder, paths: list[Path]) -> Deviation:
     )
 
 
-DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
+DEMO = DEMO_MODEL_DIR
 
 
 @dataclass(frozen=True)
@@ -166,8 +166,6 @@ def model(request: pytest.FixtureRequest, tiny_checkpoints, encoder) -> tuple[Ch
     model's do; the tiny one's barely move)."""
     if request.param == "tiny":
         return Checkpoints(tiny_checkpoints.retrieval, tiny_checkpoints.caption), encoder
-    if not (DEMO / "retrieval" / "config.json").is_file():
-        pytest.skip("the demo model is not in models/demo")
     from blip2_embed.encoder import Blip2Encoder
 
     demo = Checkpoints(DEMO / "retrieval", DEMO / "caption")
@@ -189,7 +187,7 @@ def test_by_id_equals_upload_equals_encoder_on_the_original(exact_catalog: Catal
         dev = measure(client, enc, exact_catalog.paths)
         # The pixels themselves: what transformers' processor gets from the original (before normalising).
         ids = ids_by_path(client, len(exact_catalog.paths))
-        media = client.app.state.blip2.media
+        media = client.app.state.blip2.images
         for p in exact_catalog.paths:
             assert np.array_equal(media.model_input(ids[p.name]), resize_for_model(load_image(p), enc.spec))
     print(f"exact: {dev}")
@@ -207,7 +205,7 @@ def test_the_thumbnail_fallback_is_approximate(exact_catalog: Catalog, model) ->
     with TestClient(create_app(settings, encoder=enc)) as client:
         dev = measure(client, enc, exact_catalog.paths)
         ids = ids_by_path(client, len(exact_catalog.paths))
-        media = client.app.state.blip2.media
+        media = client.app.state.blip2.images
         levels = max(
             int(
                 np.abs(
@@ -231,7 +229,7 @@ def test_fast_jpeg_deviation(tmp_path: Path, model) -> None:
     with TestClient(create_app(cat.settings, encoder=enc)) as client:
         dev = measure(client, enc, cat.paths)
         ids = ids_by_path(client, len(cat.paths))
-        media = client.app.state.blip2.media
+        media = client.app.state.blip2.images
         for p in cat.paths:
             want = decode_model_input(p, enc.spec, fast_jpeg=True, thumbnail_size=cat.settings.thumbnail_size)
             assert np.array_equal(media.model_input(ids[p.name]), want), p.name
@@ -302,18 +300,16 @@ def _sha(path: Path) -> str:
 
 def test_indexer_stores_the_input_it_embedded_before_the_commit(env: _Env, monkeypatch) -> None:
     seen: list[int] = []
-    real_pause = indexer_run._test_pause
 
-    def pause(stage: str, n: int) -> None:
-        if stage == "before-commit":
-            # Inside the batch's open transaction: every input of the batch is already on disk.
-            stored = sum(env.store().path(_sha(p)).is_file() for p in env.paths)
-            assert stored >= min(len(env.paths), 3 * n)
-            seen.append(n)
-        real_pause(stage, n)
+    class Check(ProgressSink):
+        def stage(self, name: str, n: int) -> None:
+            if name == "before-commit":
+                # Inside the batch's open transaction: every input of the batch is already on disk.
+                stored = sum(env.store().path(_sha(p)).is_file() for p in env.paths)
+                assert stored >= min(len(env.paths), 3 * n)
+                seen.append(n)
 
-    monkeypatch.setattr(indexer_run, "_test_pause", pause)
-    s = env.index()
+    s = env.index(progress=Check())
     assert s.embedded == len(env.paths) and seen == [1, 2, 3]
     for p in env.paths:
         assert np.array_equal(env.store().load(_sha(p)), env.expected(p)), p.name
@@ -364,7 +360,7 @@ def test_an_interrupted_backfill_resumes(env: _Env) -> None:
     options = IndexOptions(
         roots=[env.lib], workers=0, thumbnail_dir=env.thumbs, thumbnail_size=32, model_input_dir=env.inputs
     )
-    s = run_index(env.sessions, env.encoder, options, progress=StopAfterOne(), stop=stop)
+    s = run_index(env.target, env.encoder, options, progress=StopAfterOne(), stop=stop)
     assert s.interrupted and s.model_inputs_backfilled == 1  # the CLI exits 130
     assert env.store().backfilled_through(env.catalog_uid()) == 0  # no marker: not done
     s = env.index()
@@ -382,7 +378,7 @@ def test_a_missing_input_is_decoded_from_the_original_like_the_indexer(
     assert not (settings.data_dir / "model_inputs").exists()
     with TestClient(create_app(settings, encoder=encoder)) as client:
         ids = ids_by_path(client, len(cat.paths))
-        media = client.app.state.blip2.media
+        media = client.app.state.blip2.images
         for p in cat.paths:
             want = decode_model_input(p, encoder.spec, fast_jpeg=True, thumbnail_size=settings.thumbnail_size)
             assert np.array_equal(media.model_input(ids[p.name]), want), p.name

@@ -1,4 +1,4 @@
-"""Quality gates of the shipped demo model (models/demo) on held-out generated scenes.
+"""Quality gates of the shipped demo model (blip2_search/demo_model) on held-out generated scenes.
 
 The scenes use a seed the demo model never trained on (training used seed 1; see docs/training.md).
 Thresholds sit below the measured numbers (recorded in docs/training.md) with a margin for
@@ -12,17 +12,14 @@ from pathlib import Path
 import pytest
 
 from blip2_embed.encoder import Blip2Encoder
+from blip2_search.demo_model import DEMO_MODEL_DIR
 from blip2_train.data import load_captions
 from blip2_train.evaluate import CaptionReport, RetrievalReport, caption_accuracy, evaluate_retrieval
 from blip2_train.scenes import generate_dataset, read_records
 
-DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
+DEMO = DEMO_MODEL_DIR
 HELD_OUT_SEED = 424242
 N_SCENES = 100
-
-pytestmark = pytest.mark.skipif(
-    not (DEMO / "retrieval" / "config.json").is_file(), reason="the demo model is not in models/demo"
-)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +47,7 @@ def test_demo_pair_shares_vit_blocks_and_is_small(encoder: Blip2Encoder) -> None
     assert encoder.shared_vit
     assert encoder.num_queries == 32
     size = sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file())
-    assert size < 20 * 2**20, f"models/demo is {size / 2**20:.1f} MiB"
+    assert size < 20 * 2**20, f"the demo model is {size / 2**20:.1f} MiB"
 
 
 def test_text_to_image_itc_recall(report: RetrievalReport) -> None:

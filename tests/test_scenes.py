@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from blip2_train.data import BatchSampler, load_captions
+from blip2_embed.images import ImageSpec
+from blip2_train.data import BatchSampler, CaptionDataset, load_captions
 from blip2_train.scenes import (
     COLOURS,
     SHAPES,
@@ -94,3 +96,28 @@ def test_batch_sampler_is_a_function_of_the_step() -> None:
     assert [a.batch(s)[0] for s in range(5)] == [b.batch(s)[0] for s in reversed(range(5))][::-1]
     first_epoch = a.batch(0)[0] + a.batch(1)[0]
     assert len(set(first_epoch)) == 8  # distinct images within an epoch
+
+
+def test_queries_are_partial_descriptions_shared_by_every_image_they_describe(tmp_path: Path) -> None:
+    records = generate_dataset(tmp_path, 40, seed=8, image_size=32, captions_per_image=2, queries=True)
+    for rec in records:
+        obj = rec.objects[0]
+        assert {f"a {obj['colour']} {obj['shape']}", f"the {obj['colour']} {obj['shape']}"} <= set(
+            rec.queries
+        )
+        for q in rec.queries:
+            assert obj["shape"] in q.split() and set(q.split()) <= set(VOCABULARY), q
+    items = load_captions(tmp_path)
+    assert [list(i.queries) for i in items] == [r.queries for r in records]
+    generate_dataset(tmp_path / "plain", 2, seed=8, image_size=32)
+    assert "queries" not in (tmp_path / "plain" / "captions.jsonl").read_text()  # layout unchanged
+    dataset = CaptionDataset(items, ImageSpec(size=32))
+    texts = dataset.sample_captions(range(40), random.Random(0), query_ratio=1.0)
+    assert all(t in items[i].queries for i, t in enumerate(texts))
+    positive = dataset.positives(list(range(40)), texts)
+    for i in range(40):
+        for j in range(40):
+            # A text is a positive of every image it describes ("a red circle": all red circles).
+            assert bool(positive[i, j]) == (i == j or texts[j] in items[i].texts())
+    assert positive.sum() > 40  # some texts describe several images of the batch
+    assert dataset.sample_captions([0], random.Random(0))[0] in items[0].captions  # default: captions

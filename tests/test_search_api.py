@@ -22,8 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from blip2_search.settings import Settings
 from search_api.app import create_app
-from search_api.inference import InferenceWorker, InvalidInput
-from search_api.testing import index_folder, jpeg_bytes, make_photos
+from search_api.service.inference import InferenceWorker, InvalidInput
+from tests.support.catalog import index_folder, jpeg_bytes, make_photos
 
 N_PHOTOS = 12
 
@@ -236,7 +236,7 @@ def test_captions_are_cached_in_the_catalog(client: TestClient, encoder) -> None
     ).json()
     assert first["cached"] is False and again["cached"] is True and again["text"] == first["text"]
     state = client.app.state.blip2
-    stored = state.view.captions([image_id], encoder.caption_key, "Question: what? Answer:")
+    stored = state.catalog.captions([image_id], encoder.caption_key, "Question: what? Answer:")
     assert stored[image_id] == first["text"]
     # A search that captions reuses the plain-caption cache, and the detail view shows it.
     plain = client.post("/api/caption", json={"image_id": image_id}).json()
@@ -337,7 +337,7 @@ def test_symlink_escape_is_not_served(client: TestClient, catalog: Settings, tmp
     hit = client.get("/api/search", params={"q": "sun", "k": 1, "rerank": 0}).json()["hits"][0]
     path = Path(hit["path"])
     state = client.app.state.blip2
-    assert state.view.original_path(hit["image_id"]) == path.resolve()
+    assert state.catalog.original_path(hit["image_id"]) == path.resolve()
     secret = tmp_path / "outside.jpg"
     secret.write_bytes(path.read_bytes())
     backup = path.with_suffix(".bak")
@@ -425,7 +425,7 @@ def test_admin_disabled_without_keys(client: TestClient) -> None:
 
 
 def test_auth_on(catalog: Settings, encoder) -> None:
-    settings = catalog.model_copy(update={"api_keys": "k1,k2", "api_auth_all": False})
+    settings = catalog.with_overrides(api_keys="k1,k2", api_auth_all=False)
     with TestClient(create_app(settings, encoder=encoder)) as c:
         assert c.get("/api/search", params={"q": "a"}).status_code == 200  # reads stay open
         body = assert_problem(c.post("/api/admin/refresh-index"), 401)
@@ -433,7 +433,7 @@ def test_auth_on(catalog: Settings, encoder) -> None:
         assert_problem(c.post("/api/admin/refresh-index", headers={"X-API-Key": "wrong"}), 401)
         ok = c.post("/api/admin/refresh-index", headers={"X-API-Key": "k2"})
         assert ok.status_code == 200 and ok.json()["indexed_images"] == N_PHOTOS
-    settings = catalog.model_copy(update={"api_keys": "k1", "api_auth_all": True, "api_key_header": "X-Key"})
+    settings = catalog.with_overrides(api_keys="k1", api_auth_all=True, api_key_header="X-Key")
     with TestClient(create_app(settings, encoder=encoder)) as c:
         assert_problem(c.get("/api/search", params={"q": "a"}), 401)
         assert_problem(c.get("/api/images/1/thumbnail"), 401)
@@ -448,7 +448,7 @@ def test_cors(catalog: Settings, encoder, client: TestClient) -> None:
         "access-control-allow-origin"
         not in client.get("/healthz", headers={"Origin": "http://a.example"}).headers
     )
-    settings = catalog.model_copy(update={"cors_origins": "http://a.example"})
+    settings = catalog.with_overrides(cors_origins="http://a.example")
     with TestClient(create_app(settings, encoder=encoder)) as c:
         resp = c.get("/healthz", headers={"Origin": "http://a.example"})
         assert resp.headers["access-control-allow-origin"] == "http://a.example"
@@ -635,7 +635,7 @@ def test_500_is_problem_json_counted_and_headed(
         assert c.get("/api/images/1").status_code == 200
         with sqlite3.connect(data / "catalog.db") as db:
             db.execute("ALTER TABLE files RENAME TO files_gone")
-        with caplog.at_level("ERROR", logger="search_api.middleware"):
+        with caplog.at_level("ERROR", logger="search_api.http.middleware"):
             resp = c.get("/api/images/1")
         body = assert_problem(resp, 500)
         request_id = resp.headers["x-request-id"]
@@ -690,9 +690,10 @@ def run_round(encoder, make_jobs) -> tuple[list[object], list[tuple[str, int]]]:
         return await asyncio.gather(*tasks, return_exceptions=True)
 
     try:
-        return asyncio.run(main()), gate.batches[1:]
+        results = asyncio.run(main())
     finally:
-        worker.stop()
+        worker.stop()  # joins the thread: its last on_batch call has run before batches are read
+    return results, gate.batches[1:]
 
 
 def test_a_bad_text_fails_alone(encoder) -> None:

@@ -24,7 +24,8 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from blip2_search.settings import Settings
-from search_api.testing import ServerProcess, index_folder, jpeg_bytes, make_photos
+from tests.support.catalog import index_folder, jpeg_bytes, make_photos
+from tests.support.server import ServerProcess
 
 N_PHOTOS = 12
 ADDED = 6

@@ -9,11 +9,18 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from blip2_embed.encoder import Blip2Encoder
+from blip2_train.checkpoints import latest_checkpoint
+from blip2_train.config import TrainConfig
+from blip2_train.data import tokenize, tokenize_lm
+from blip2_train.model_setup import SHAPES
 from blip2_train.objectives import itg_attention_mask
+from blip2_train.optimisation import warmup_cosine
 from blip2_train.scenes import generate_dataset
-from blip2_train.trainer import SHAPES, TrainConfig, latest_checkpoint, train, warmup_cosine
+from blip2_train.scratch import build_opt_tokenizer
+from blip2_train.stages import train
 
 TINY = replace(SHAPES["tiny"], num_query_tokens=8)
 
@@ -62,6 +69,20 @@ def test_itg_mask_queries_never_see_text() -> None:
         dtype=torch.bool,
     )
     assert torch.equal(allowed, expected)
+
+
+def test_caption_targets_start_with_bos_whatever_the_tokenizer(tmp_path: Path) -> None:
+    opt = build_opt_tokenizer()
+    texts = ["a red circle", "a tiny blue star in the top left corner"]
+    # OPT's tokenizer adds BOS: the targets are what it gives for "text</s>" (as before the helper).
+    old = tokenize(opt, [t + opt.eos_token for t in texts], 64)
+    got = tokenize_lm(opt, texts, 64, opt.bos_token_id)
+    assert torch.equal(got["input_ids"], old["input_ids"])
+    assert torch.equal(got["attention_mask"], old["attention_mask"])
+    opt.save_pretrained(tmp_path)
+    no_bos = AutoTokenizer.from_pretrained(tmp_path, add_bos_token=False)
+    assert no_bos(texts[0])["input_ids"][0] != opt.bos_token_id  # the premise
+    assert torch.equal(tokenize_lm(no_bos, texts, 64, opt.bos_token_id)["input_ids"], old["input_ids"])
 
 
 def test_schedule_warms_up_then_decays() -> None:
@@ -166,3 +187,41 @@ def test_cli_scenes_train_and_eval(tmp_path: Path) -> None:
     report = json.loads(result.output[result.output.index("{") :])
     assert report["images"] == 8 and report["texts"] == 40
     assert 0.0 <= report["itm_t2i"]["r1"] <= report["itm_t2i"]["r10"] <= 1.0
+
+
+def test_scenes_and_eval_retrieval_show_progress_and_read_the_settings(
+    tmp_path: Path, tiny_checkpoints
+) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    # Piped output (not a terminal): plain progress lines on stderr, the report alone on stdout.
+    env = {**os.environ, "BLIP2_RETRIEVAL_MODEL": str(tiny_checkpoints.retrieval), "BLIP2_DEVICE": "cpu"}
+    env.pop("BLIP2_BATCH_SIZE", None)
+    cli = [sys.executable, "-m", "blip2_search.cli"]
+    data = tmp_path / "scenes"
+    made = subprocess.run(
+        [*cli, "scenes", str(data), "--n", "6", "--image-size", "32"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert made.returncode == 0, made.stderr
+    assert "scenes: 6/6 (100%)" in made.stderr
+    result = subprocess.run(
+        [*cli, "eval", "retrieval", str(data), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["images"] == 6 and report["texts"] == 30
+    assert report["k"] == 16  # the CPU default depth
+    # 30 texts x 6 candidate images, then 6 images x 16 candidate texts.
+    for phase in ("images: 6/6", "texts: 30/30", "text -> image: 180/180", "image -> text: 96/96"):
+        assert phase in result.stderr, result.stderr

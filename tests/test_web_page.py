@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from blip2_search.demo_model import DEMO_MODEL_DIR
 from blip2_search.settings import Settings
-from search_api.testing import REPO_ROOT, ServerProcess, index_folder, jpeg_bytes, make_photos
+from tests.support.catalog import index_folder, jpeg_bytes, make_photos
+from tests.support.server import ServerProcess
 
 CHROMIUM = "/usr/bin/chromium"
-DEMO = REPO_ROOT / "models" / "demo"
+DEMO = DEMO_MODEL_DIR
 N_IMAGES = 19
 PAGE_SIZE = 5  # the server's page size: small, so infinite scroll has pages to load
 API_KEY = "page-test-key"
@@ -79,7 +81,7 @@ def library(tmp_path_factory: pytest.TempPathFactory):
     from blip2_embed.encoder import Blip2Encoder
 
     if not (DEMO / "retrieval" / "config.json").is_file():
-        pytest.skip("the demo model is not in models/demo")
+        pytest.skip("the demo model is not in blip2_search/demo_model")
     base = tmp_path_factory.mktemp("web")
     paths, query = make_library(base / "photos", base / "scenes")
     settings = Settings(

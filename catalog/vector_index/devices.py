@@ -1,6 +1,6 @@
 """Where a vector index searches: "cpu" or "cuda".
 
-Not ``blip2_embed``'s ``resolve_device``, which returns a ``torch.device`` for the encoder; this one
+Not ``blip2_embed``'s ``resolve_torch_device``, which returns a ``torch.device`` for the encoder; this one
 returns the name the index records (torch is imported only to ask whether CUDA is there).
 """
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import io
 import json
 import os
 import struct
@@ -110,7 +111,7 @@ class CrcWriter:
 class CrcReader:
     """A read-only stream that keeps the crc32 and count of what it read."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: io.BufferedIOBase) -> None:
         self.raw = raw
         self.crc = 0
         self.count = 0
@@ -131,8 +132,7 @@ class CrcReader:
         view = array.data.cast("B")
         got = 0
         while got < len(view):
-            # BinaryIO declares no readinto; the buffered file that open() returns has it.
-            n = self.raw.readinto(view[got : got + CHUNK_BYTES])  # type: ignore[attr-defined]
+            n = self.raw.readinto(view[got : got + CHUNK_BYTES])
             if not n:
                 raise IndexFileError("index file is truncated")
             self.crc = zlib.crc32(view[got : got + n], self.crc)
