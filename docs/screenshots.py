@@ -1,7 +1,7 @@
 """Screenshots of the web page for the docs: docs/img/page-desktop.png and docs/img/page-phone.png.
 
 The demo's setting (generated scenes, the shipped demo model in blip2_search/demo_model), indexed and
-served by a real server, photographed by Debian's Chromium through Playwright. Offline; about a minute on a CPU:
+served by a real server, photographed by Debian's Chromium through Playwright. Offline; a minute on a CPU:
 
     .venv/bin/python docs/screenshots.py [--out docs/img]
 """
