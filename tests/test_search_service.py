@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from blip2_search.settings import Settings
 from search_api.app import create_app
 from search_api.service import BadInput, NotFound, SearchFilters, SearchOptions, SearchService
-from tests.support.catalog import index_folder, make_photos
+from tests.support.catalog import tiny_catalog
 from tests.support.server import REPO_ROOT, settings_env
 
 N_PHOTOS = 10
@@ -25,17 +25,9 @@ N_PHOTOS = 10
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints, encoder) -> Settings:
+    # Even photos in 2023/ (EXIF 2023), odd ones in 2024/.
     base = tmp_path_factory.mktemp("search-service")
-    make_photos(base / "photos", N_PHOTOS)  # even i in 2023/ (EXIF 2023), odd i in 2024/
-    settings = Settings(
-        data_dir=base / "data",
-        retrieval_model=str(tiny_checkpoints.retrieval),
-        caption_model=str(tiny_checkpoints.caption),
-        device="cpu",
-        caption_max_new_tokens=4,
-    )
-    index_folder(settings, encoder, base / "photos")
-    return settings
+    return tiny_catalog(base, tiny_checkpoints, encoder, N_PHOTOS, caption_max_new_tokens=4)
 
 
 def test_service_from_python_equals_the_api(catalog: Settings, encoder) -> None:

@@ -42,6 +42,21 @@ def make_photos(folder: Path, count: int, *, start: int = 0) -> list[Path]:
     return paths
 
 
+def tiny_catalog(base: Path, checkpoints, encoder, photos: int, **overrides: object) -> Settings:
+    """Settings for a catalog under ``base`` over the tiny checkpoints on CPU, filled by the real indexer
+    with ``make_photos(base / "photos", photos)``."""
+    make_photos(base / "photos", photos)
+    settings = Settings(
+        data_dir=base / "data",
+        retrieval_model=str(checkpoints.retrieval),
+        caption_model=str(checkpoints.caption),
+        device="cpu",
+        **overrides,  # type: ignore[arg-type]
+    )
+    index_folder(settings, encoder, base / "photos")
+    return settings
+
+
 def index_folder(settings: Settings, encoder, folder: Path) -> object:
     """Run the real indexer over ``folder`` into ``settings``' catalog (in process, no worker pool)."""
     from indexer.run import IndexOptions, IndexTarget, run_index
