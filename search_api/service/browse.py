@@ -47,7 +47,7 @@ def image_similarity(vectors: Floats) -> Floats:
     a_to_b = np.empty((n, n), np.float32)
     for a in range(n):  # one image at a time: (m, n*m) dots instead of an (n*m)^2 matrix
         a_to_b[a] = (vectors[a].astype(np.float32) @ flat.T).reshape(m, n, m).max(axis=2).mean(axis=0)
-    out: Floats = (a_to_b + a_to_b.T) / 2
+    out: Floats = ((a_to_b + a_to_b.T) / 2).astype(np.float32)
     return out
 
 
