@@ -14,9 +14,8 @@ import typer
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
-import blip2_train.cli as train_cli
 from blip2_search import __version__
-from blip2_search.commands import caption, check_models, db, demo, index, search, serve
+from blip2_search.commands import caption, check_models, db, demo, index, search, serve, train
 from blip2_search.failures import explain
 
 log = logging.getLogger("blip2_search")
@@ -82,7 +81,7 @@ app.command("search")(search.search)
 app.command("caption")(caption.caption)
 app.command("demo")(demo.demo)
 app.command("check-models")(check_models.check_models)
-train_cli.register(app)  # scenes, train, eval (blip2_train's own commands)
+train.register(app)  # scenes, train, eval retrieval (over blip2_train)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ class TrainConfig:
     shape: TinyShape = field(default_factory=lambda: SHAPES["demo"])
     init_retrieval: str | None = None
     init_caption: str | None = None
+    # Stage 1 only: start the retrieval Q-Former's query path from this caption checkpoint's Q-Former
+    # (it already extracts what captions name); the text-only branch keeps its own weights.
+    queries_from_caption: str | None = None
     train_lm: bool | None = None  # None: train it when built from scratch, freeze it when loaded
     # Optimisation (BLIP-2: AdamW 0.9/0.98, weight decay 0.05, linear warm-up, cosine decay).
     # The defaults are the demo model's (docs/training.md).

@@ -120,3 +120,28 @@ def load_retrieval(path: str) -> tuple[Blip2ForImageTextRetrieval, PreTrainedTok
 def load_caption(path: str) -> tuple[Blip2ForConditionalGeneration, PreTrainedTokenizerBase]:
     model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def queries_from_caption(
+    retrieval: Blip2ForImageTextRetrieval, caption: Blip2ForConditionalGeneration
+) -> None:
+    """Give ``retrieval`` the caption model's query path: its Q-Former weights (self- and
+    cross-attention, query feed-forward; the retrieval-only text feed-forward is kept), query tokens
+    and the ViT's final LayerNorm. The ViT blocks must be the same (one shared ViT pass).
+
+    A caption Q-Former trained long enough names colour and shape; ITC trained only on full captions
+    can rank well while barely looking at shape, and learning it from there takes thousands of steps.
+    """
+    if not _same_blocks(retrieval, caption):
+        raise ValueError("the caption checkpoint's ViT blocks differ from the retrieval model's")
+    with torch.no_grad():
+        retrieval.qformer.load_state_dict(caption.qformer.state_dict(), strict=False)
+        retrieval.query_tokens.copy_(caption.query_tokens)
+        retrieval.vision_model.post_layernorm.load_state_dict(
+            caption.vision_model.post_layernorm.state_dict()
+        )
+
+
+def _same_blocks(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.vision_model.encoder.state_dict(), b.vision_model.encoder.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

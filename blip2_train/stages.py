@@ -46,6 +46,7 @@ from blip2_train.model_setup import (
     init_query_tokens,
     load_caption,
     load_retrieval,
+    queries_from_caption,
     scratch_configs,
 )
 from blip2_train.objectives import Stage0, Stage1, Stage2
@@ -123,6 +124,8 @@ def train(cfg: TrainConfig) -> dict[str, list[dict[str, float]]]:
 
     if 1 in stages and resume_stage <= 1:
         retrieval = starting_retrieval(1)
+        if cfg.queries_from_caption and resume_stage != 1:
+            queries_from_caption(retrieval, load_caption(cfg.queries_from_caption)[0])
         # BLIP-2 trains the Q-Former against a frozen, pre-trained ViT. A ViT is trained here only when
         # it was built from scratch and had no stage 0; its final LayerNorm always adapts.
         train_vision = from_scratch and (

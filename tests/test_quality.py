@@ -14,7 +14,13 @@ import pytest
 from blip2_embed.encoder import Blip2Encoder
 from blip2_search.demo_model import DEMO_MODEL_DIR
 from blip2_train.data import load_captions
-from blip2_train.evaluate import CaptionReport, RetrievalReport, caption_accuracy, evaluate_retrieval
+from blip2_train.evaluate import (
+    CaptionReport,
+    RetrievalReport,
+    caption_accuracy,
+    evaluate_retrieval,
+    short_query_accuracy,
+)
 from blip2_train.scenes import generate_dataset, read_records
 
 DEMO = DEMO_MODEL_DIR
@@ -77,3 +83,41 @@ def test_captions_name_colour_and_shape(captions: CaptionReport) -> None:
     # Measured: colour 1.00, colour + shape 0.98 (the misses are small objects: star/diamond/cross).
     assert captions.colour_accuracy >= 0.95
     assert captions.accuracy >= 0.9
+
+
+# ---------------------------------------------------------------------------------------------- unseen seeds
+# Issue 10.7: what a newcomer types ("the red circle") and full descriptions on 300 scenes, on seeds
+# that neither training (seed 1) nor tuning (9001, 9002) ever saw.
+UNSEEN_SEEDS = (31337, 271828, 161803)
+UNSEEN_SCENES = 300
+API_RERANK_DEPTH = 32  # /api/search re-ranks the ITC top 32 with ITM by default
+
+
+@pytest.fixture(scope="module", params=UNSEEN_SEEDS)
+def unseen(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp(f"unseen-{request.param}")
+    generate_dataset(folder, UNSEEN_SCENES, seed=request.param, image_size=128)
+    return folder
+
+
+# Not reached yet by the shipped pair (figures per seed in docs/training.md, "Short queries"): strict,
+# so a model that reaches a gate turns its xfail into a failure until the marker is removed.
+NOT_YET = pytest.mark.xfail(strict=True, reason="issue 10.7 gate not reached by the shipped demo model")
+
+
+@NOT_YET
+def test_short_colour_shape_queries_put_that_colour_and_shape_first(
+    encoder: Blip2Encoder, unseen: Path
+) -> None:
+    report = short_query_accuracy(encoder, read_records(unseen), str(unseen), k=API_RERANK_DEPTH)
+    print(f"\nshort queries: ITC {report.itc:.3f}, ITC+ITM {report.itm:.3f} ({report.queries} queries)")
+    assert report.itm >= 0.9
+    assert report.itc >= 0.9
+
+
+@NOT_YET
+def test_full_descriptions_on_300_unseen_scenes(encoder: Blip2Encoder, unseen: Path) -> None:
+    report = evaluate_retrieval(encoder, load_captions(unseen / "karpathy.json"), k=16)
+    print("\n" + report.table())
+    assert report.itc_t2i.r1 >= 0.8
+    assert report.itm_t2i.r1 >= report.itc_t2i.r1

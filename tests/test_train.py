@@ -225,3 +225,24 @@ def test_scenes_and_eval_retrieval_show_progress_and_read_the_settings(
     # 30 texts x 6 candidate images, then 6 images x 16 candidate texts.
     for phase in ("images: 6/6", "texts: 30/30", "text -> image: 180/180", "image -> text: 96/96"):
         assert phase in result.stderr, result.stderr
+
+
+def test_queries_from_caption_gives_the_caption_query_outputs(tiny_checkpoints) -> None:
+    from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+
+    from blip2_embed.encoder import query_output
+    from blip2_train.model_setup import queries_from_caption
+    from blip2_train.objectives import vision_embeds
+
+    retrieval = Blip2ForImageTextRetrieval.from_pretrained(tiny_checkpoints.retrieval).eval()
+    caption = Blip2ForConditionalGeneration.from_pretrained(tiny_checkpoints.caption).eval()
+    text_ffn = retrieval.qformer.encoder.layer[0].output.dense.weight.clone()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = query_output(retrieval, vision_embeds(retrieval, pixels))
+        queries_from_caption(retrieval, caption)
+        after = query_output(retrieval, vision_embeds(retrieval, pixels))
+        expected = query_output(caption, vision_embeds(caption, pixels))
+    assert not torch.allclose(before, expected)
+    torch.testing.assert_close(after, expected)
+    assert torch.equal(retrieval.qformer.encoder.layer[0].output.dense.weight, text_ffn)  # text branch kept

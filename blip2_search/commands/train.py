@@ -1,4 +1,4 @@
-"""Subcommands of ``blip2-search`` owned by this package: ``scenes``, ``train`` and ``eval retrieval``.
+"""``blip2-search scenes``, ``train`` and ``eval retrieval``: the training package's commands.
 
 Heavy imports (torch, transformers) happen inside the commands so ``--help`` stays instant.
 """
@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from blip2_search.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,10 @@ def train(
     init_caption: Annotated[
         str | None, typer.Option(help="Fine-tune this caption checkpoint (ViT and LM frozen) instead.")
     ] = None,
+    queries_from_caption: Annotated[
+        str | None,
+        typer.Option(help="Stage 1: start the Q-Former's query path from this caption checkpoint's."),
+    ] = None,
     train_lm: Annotated[
         bool | None,
         typer.Option("--train-lm/--freeze-lm", help="Default: train a new LM, freeze a loaded one."),
@@ -130,6 +136,7 @@ def train(
         shape=model_shape,
         init_retrieval=init_retrieval,
         init_caption=init_caption,
+        queries_from_caption=queries_from_caption,
         train_lm=train_lm,
         steps0=steps0,
         steps1=steps1,
@@ -181,12 +188,11 @@ def eval_retrieval(
 ) -> None:
     """Image-text retrieval R@1/5/10, both directions: ITC alone and ITC top-k re-ranked by ITM."""
     from blip2_embed.encoder import Blip2Encoder
-    from blip2_search.settings import get_settings
     from blip2_train.data import load_captions
     from blip2_train.evaluate import evaluate_retrieval
     from blip2_train.progress import console_progress
 
-    settings = get_settings()
+    settings = get_settings()  # BLIP2_RETRIEVAL_MODEL, BLIP2_DEVICE, ... like every other command
     items = load_captions(data, image_root, split)
     if limit:
         items = items[:limit]
