@@ -163,6 +163,21 @@ class Settings(BaseSettings):
     caption_max_new_tokens: int = Field(30, ge=1, le=256, description="Default caption length, tokens.")
     index_poll_seconds: float = Field(2.0, gt=0, description="How often the API checks for a new index.")
     inference_max_batch: int = Field(64, ge=1, description="Most items one batched model call takes.")
+    # The web page's defaults (served by GET /api/config; the page hard-codes none of them).
+    page_size: int = Field(24, ge=1, description="Hits the page loads per scroll step (at most max_k).")
+    page_weak_match_prob: float = Field(
+        0.5, ge=0, le=1, description="Re-ranked hits with a lower ITM P(match) are 'weaker matches'."
+    )
+    page_weak_similarity: float = Field(
+        0.5, ge=-1, le=1, description="Image searches: hits with a lower similarity are 'weaker matches'."
+    )
+    duplicate_similarity: float = Field(
+        0.95, ge=-1, le=1, description="Image-image similarity at or above which hits are near-duplicates."
+    )
+    date_sort_pool: int = Field(
+        200, ge=1, description="sort=date orders this many best hits of the relevance ranking by date."
+    )
+    display_max_side: int = Field(1600, ge=64, description="Longer side of the viewer's display image, px.")
     # --- end search_api ------------------------------------------------------------------------
 
     # --- catalog -------------------------------------------------------------------------------

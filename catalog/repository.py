@@ -428,8 +428,11 @@ def filter_image_ids(
     path_prefix: str | None = None,
     captured_after: dt.datetime | None = None,
     captured_before: dt.datetime | None = None,
+    camera: str | None = None,
 ) -> np.ndarray:
     """Ids (int64, sorted) of live images with a file matching every given condition.
+
+    ``camera`` matches the EXIF make, the model, or "make model" (as ``library_facets`` lists them).
 
     ``path_prefix`` is matched literally and case-sensitively against the start of the path relative
     to the root ('2023/' or '2023/trip', POSIX separators), in the text form users are shown
@@ -453,11 +456,69 @@ def filter_image_ids(
         conditions.append(Image.captured_at >= captured_after)
     if captured_before is not None:
         conditions.append(Image.captured_at <= captured_before)
+    if camera:
+        conditions.append(_camera_matches(camera))
     if conditions:
         stmt = stmt.where(and_(*conditions))
     ids = np.fromiter(session.scalars(stmt), dtype=np.int64)
     ids.sort()
     return ids
+
+
+def _camera_name() -> ColumnElement[str]:
+    return func.trim(func.coalesce(Image.camera_make, "") + " " + func.coalesce(Image.camera_model, ""))
+
+
+def _camera_matches(camera: str) -> ColumnElement[bool]:
+    return or_(Image.camera_make == camera, Image.camera_model == camera, _camera_name() == camera)
+
+
+@dataclass(frozen=True, slots=True)
+class LibraryFacets:
+    """What the filters can choose from: roots, folders below them, cameras, the capture-date range."""
+
+    images: int
+    roots: list[Path]
+    folders: list[str]  # POSIX folder paths relative to a root ("2023", "2023/trip"), sorted
+    cameras: list[tuple[str, int]]  # ("make model", live images), most used first
+    captured_min: dt.datetime | None
+    captured_max: dt.datetime | None
+
+
+def library_facets(session: Session, *, folder_depth: int = 2, max_folders: int = 500) -> LibraryFacets:
+    """Filter choices over the live (indexed) files: folders up to ``folder_depth`` levels deep."""
+    live = File.status == FileStatus.INDEXED
+    live_images = select(File.image_id).where(live).distinct().subquery()
+    images = session.scalar(select(func.count()).select_from(live_images)) or 0
+    roots = [p for _, p in sorted(list_roots(session).items())]
+    folders: set[str] = set()
+    # Distinct parent folders in SQL would need dialect-specific string functions; paths stream instead.
+    for rel in session.scalars(select(File.relative_path).where(live).distinct()):
+        parts = PurePosixPath(rel).parts[:-1]
+        for depth in range(1, min(folder_depth, len(parts)) + 1):
+            folders.add("/".join(parts[:depth]))
+        if len(folders) >= max_folders:
+            break
+    name = _camera_name()
+    cams = session.execute(
+        select(name, func.count(Image.id))
+        .where(Image.id.in_(select(live_images.c.image_id)), name != "")
+        .group_by(name)
+        .order_by(func.count(Image.id).desc(), name)
+    ).all()
+    lo, hi = session.execute(
+        select(func.min(Image.captured_at), func.max(Image.captured_at)).where(
+            Image.id.in_(select(live_images.c.image_id))
+        )
+    ).one()
+    return LibraryFacets(
+        images=int(images),
+        roots=roots,
+        folders=sorted(folders)[:max_folders],
+        cameras=[(str(n), int(c)) for n, c in cams],
+        captured_min=lo,
+        captured_max=hi,
+    )
 
 
 # --- embeddings --------------------------------------------------------------------------------------

@@ -268,6 +268,33 @@ def test_filters(session: Session, tmp_path: Path) -> None:
     )
 
 
+def test_camera_filter_and_library_facets(session: Session, tmp_path: Path) -> None:
+    r1 = repo.get_or_create_root(session, tmp_path / "r1")
+    g = repo.open_generation(session)
+    a = add_indexed_file(session, r1, "2023/trip/day1/a.jpg", "A", g)
+    b = add_indexed_file(session, r1, "2024/b.jpg", "B", g)
+    c = add_indexed_file(session, r1, "c.jpg", "C", g)
+    gone = add_indexed_file(session, r1, "2022/gone.jpg", "E", g)
+    repo.mark_deleted(session, r1, ["2022/gone.jpg"], g)
+    meta = {"width": 4, "height": 3}
+    repo.set_image_metadata(session, a, **meta, captured_at=dt.datetime(2023, 5, 1), camera_make="Canon",
+                            camera_model="EOS R6")  # fmt: skip
+    repo.set_image_metadata(session, b, **meta, captured_at=dt.datetime(2024, 1, 2), camera_model="Pixel 8")
+    repo.set_image_metadata(session, gone, **meta, camera_make="Nikon", captured_at=dt.datetime(2001, 1, 1))
+    session.commit()
+
+    def ids(camera: str) -> list[int]:
+        return repo.filter_image_ids(session, camera=camera).tolist()
+
+    assert ids("Canon") == ids("EOS R6") == ids("Canon EOS R6") == [a]
+    assert ids("Pixel 8") == [b] and ids("canon") == [] and ids("Nikon") == []  # exact; live files only
+    f = repo.library_facets(session)
+    assert f.images == 3 and f.roots == [tmp_path / "r1"] and c not in (a, b)
+    assert f.folders == ["2023", "2023/trip", "2024"]  # two levels deep, the deleted 2022 left out
+    assert f.cameras == [("Canon EOS R6", 1), ("Pixel 8", 1)]
+    assert (f.captured_min, f.captured_max) == (dt.datetime(2023, 5, 1), dt.datetime(2024, 1, 2))
+
+
 def test_timestamps_come_back_as_utc(session: Session, tmp_path: Path) -> None:
     from sqlalchemy import select
 

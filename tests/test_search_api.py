@@ -130,6 +130,14 @@ def test_text_search_rerank_and_captions(client: TestClient, encoder, catalog: S
         assert h["itc_score"] == pytest.approx(float((stored @ q).max()), abs=1e-4)
 
 
+def test_captions_of_a_page_past_the_rerank_depth(client: TestClient) -> None:
+    # Page 2 (hits 5-8) lies past a re-rank depth of 2: its own first 3 hits are captioned.
+    params = {"q": "a green square", "k": 4, "offset": 4, "rerank": 2, "captions": 3}
+    hits = client.get("/api/search", params=params).json()["hits"]
+    assert [h["caption"] is not None for h in hits] == [True, True, True, False]
+    assert [h["rank"] for h in hits] == [5, 6, 7, 8] and not any(h["reranked"] for h in hits)
+
+
 def test_rerank_matches_encoder_itm_on_the_indexed_input(
     client: TestClient, encoder, catalog: Settings
 ) -> None:

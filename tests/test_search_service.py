@@ -76,7 +76,7 @@ def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_search_limit_and_filters(catalog: Settings) -> None:
     runs = [
-        ("red", "-k", "3", "--captured-after", "2024-01-01", "--rerank", "4", "--json"),
+        ("red", "-k", "3", "--captured-after", "2024-01-01", "--rerank", "4", "--sort", "date", "--json"),
         ("red", "--limit", "2", "--path-prefix", "2023"),
         ("red", "--captured-after", "2024-02-01", "--captured-before", "2024-01-01"),
     ]
@@ -87,6 +87,8 @@ def test_cli_search_limit_and_filters(catalog: Settings) -> None:
     assert len(page["hits"]) == 3 and page["k"] == 3
     assert all("/2024/" in h["path"] and h["captured_at"].startswith("2024") for h in page["hits"])
     assert all(h["reranked"] for h in page["hits"])
+    stamps = [h["captured_at"] for h in page["hits"]]
+    assert stamps == sorted(stamps, reverse=True)  # --sort date: newest first
 
     assert folder.returncode == 0, folder.stderr
     lines = folder.stdout.splitlines()

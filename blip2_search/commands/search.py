@@ -27,6 +27,10 @@ def search(
     path_prefix: Annotated[str | None, typer.Option(help="Only paths below the root starting so.")] = None,
     captured_after: Annotated[datetime | None, DateOption] = None,
     captured_before: Annotated[datetime | None, DateOption] = None,
+    camera: Annotated[str | None, typer.Option(help='EXIF camera: make, model, or "make model".')] = None,
+    sort: Annotated[
+        str, typer.Option(help="relevance, or date (the best hits, newest first).")
+    ] = "relevance",
     as_json: Annotated[bool, typer.Option("--json", help="Print the page as JSON.")] = False,
     database_url: DatabaseUrlOption = None,
 ) -> None:
@@ -42,8 +46,10 @@ def search(
     require_schema(settings.resolved_database_url)
     from search_api.service import SearchFilters, SearchOptions, ServiceError, search_once
 
-    filters = SearchFilters(root, path_prefix, captured_after, captured_before)
-    options = SearchOptions(k=k, rerank=rerank, captions=captions, filters=filters)
+    filters = SearchFilters(root, path_prefix, captured_after, captured_before, camera)
+    options = SearchOptions(k=k, rerank=rerank, captions=captions, filters=filters, sort=sort)
+    if sort not in ("relevance", "date"):
+        fail(f"--sort: relevance or date (got {sort!r})", 2)
     try:
         filters.check()  # before the models load
         page = search_once(settings, load_encoder(settings, caption=captions > 0), query, options)

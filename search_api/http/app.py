@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
+import fastapi_offline
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
@@ -20,10 +21,12 @@ from search_api.http.middleware import (
     ObserveMiddleware,
     PathGuardMiddleware,
 )
-from search_api.http.routes import caption, embed, health, images, rerank, search
+from search_api.http.routes import caption, embed, health, images, library, rerank, search
 from search_api.service import SearchService
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+# Swagger UI's files as the fastapi-offline wheel ships them (only its static folder is used).
+SWAGGER_UI_DIR = Path(fastapi_offline.__file__).resolve().parent / "static"
 
 
 def create_app(
@@ -53,8 +56,8 @@ def create_app(
             "RFC 9457 problem details (application/problem+json)."
         ),
         lifespan=lifespan,
-        # Swagger UI and ReDoc load their scripts from a CDN, which an offline, same-origin (CSP) server
-        # cannot serve; the schema itself stays at /openapi.json.
+        # FastAPI's Swagger UI page loads its scripts from a CDN and runs an inline script, which an
+        # offline, same-origin (CSP) server cannot allow: /docs below serves the bundled copy instead.
         docs_url=None,
         redoc_url=None,
         # An API answers the path it was asked: "/api/images/" is no route (404), not a 307 elsewhere.
@@ -62,14 +65,24 @@ def create_app(
     )
     app.state.blip2 = None
     install_error_handlers(app)
-    for module in (search, rerank, caption, embed, images, health):
+    for module in (search, rerank, caption, embed, images, library, health):
         app.include_router(module.build(settings))
 
     @app.get("/", include_in_schema=False)
     async def index_page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "docs.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # Swagger UI from a wheel: /docs works with no network.
+    app.mount("/docs/assets", StaticFiles(directory=SWAGGER_UI_DIR), name="swagger-ui")
 
     # Added innermost first: Observe -> CORS -> PathGuard -> CatchAll -> BodyLimit -> routes, so every
     # answer (a 413, a bad path, a 500) is counted, carries the security headers, and CORS headers.

@@ -5,7 +5,7 @@ import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,6 +16,8 @@ from search_api.service import types as st
 from search_api.service.embed import MAX_TEXTS
 from search_api.service.search import MAX_OFFSET
 
+# Filter values are paths: kept as given (no stripping), up to a path's length.
+MAX_PATH_CHARS = 4096
 __all__ = ["MAX_OFFSET", "MAX_TEXTS"]
 
 
@@ -224,6 +226,7 @@ def request_models(limits: Limits) -> RequestModels:
     """Every request body, with texts of at most ``max_query_chars`` characters."""
     Text = text_type(limits.max_chars)
     Prompt = text_type(limits.max_chars, optional=True)
+    PathText = text_type(MAX_PATH_CHARS, strip=False, optional=True)
     prompt_doc = 'Instruction, e.g. "Question: what is this? Answer:".'
     tokens_doc = "Tokens to generate (default: the server's caption_max_new_tokens)."
     match_doc = "The text every candidate is matched against."
@@ -245,6 +248,13 @@ def request_models(limits: Limits) -> RequestModels:
         k: int_type(1, limits.max_k) = Field(20, description="Hits per page.")
         offset: int_type(0, MAX_OFFSET) = Field(0, description="Hits to skip (pagination).")
         captions: int_type(0, limits.max_caption_hits) = Field(0, description="Caption this many top hits.")
+        # The same filters and order as GET /api/search.
+        root: PathText | None = Field(None, description="Only files under this root.")
+        path_prefix: PathText | None = Field(None, description="Only paths below the root starting so.")
+        captured_after: dt.datetime | None = Field(None, description="Captured at or after.")
+        captured_before: dt.datetime | None = Field(None, description="Captured at or before.")
+        camera: Prompt | None = Field(None, description="EXIF camera: make, model, or 'make model'.")
+        sort: Literal["relevance", "date"] = Field("relevance", description="relevance, or date.")
 
     class RerankUploadForm(_Body):
         text: Text = Field(description=match_doc)

@@ -50,6 +50,15 @@ class CatalogReader:
         with self._sessions() as s:
             return repo.load_embeddings(s, [image_id], model_key).get(image_id)
 
+    def vectors_many(self, ids: Iterable[int], model_key: str) -> dict[int, npt.NDArray[np.float32]]:
+        with self._sessions() as s:
+            return repo.load_embeddings(s, ids, model_key)
+
+    def facets(self) -> repo.LibraryFacets:
+        """Filter choices: roots, folders, cameras, capture-date range, live image count."""
+        with self._sessions() as s:
+            return repo.library_facets(s)
+
     # ------------------------------------------------------------------ images and files
     def image_infos(self, ids: Iterable[int]) -> dict[int, ImageInfo]:
         """Images among ``ids`` that still have a live file (a hit whose files all went is dropped)."""
@@ -81,6 +90,7 @@ class CatalogReader:
                 path_prefix=filters.path_prefix or None,
                 captured_after=None if after is None else after.replace(tzinfo=None),
                 captured_before=None if before is None else before.replace(tzinfo=None),
+                camera=filters.camera or None,
             )
         return {int(i) for i in ids}
 

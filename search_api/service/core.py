@@ -18,7 +18,8 @@ from contextlib import asynccontextmanager
 from blip2_embed.encoder import Blip2Encoder
 from blip2_search.settings import Settings
 from catalog.index_store import VectorIndexOptions, index_path
-from search_api.service import caption, embed, images, readiness, rerank, search
+from catalog.repository import LibraryFacets
+from search_api.service import browse, caption, embed, images, readiness, rerank, search
 from search_api.service.catalog_reader import CatalogReader
 from search_api.service.components import Components
 from search_api.service.image_store import ImageStore
@@ -181,6 +182,18 @@ class SearchService:
 
     async def original(self, image_id: int) -> OriginalFile:
         return await images.original(self.c, image_id)
+
+    async def display(self, image_id: int) -> ImageBytes:
+        return await browse.display(self.c, image_id)
+
+    # ------------------------------------------------------------------ browsing
+    async def library(self) -> LibraryFacets:
+        return await browse.library(self.c)
+
+    async def near_duplicates(
+        self, image_ids: Sequence[int], threshold: float | None = None
+    ) -> browse.DuplicateGroups:
+        return await browse.near_duplicates(self.c, list(image_ids), threshold)
 
     # ------------------------------------------------------------------ operations
     def readiness(self) -> Readiness:

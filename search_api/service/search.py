@@ -8,6 +8,8 @@ docs/search_api.md documents the scores.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+from dataclasses import replace
 
 import numpy as np
 
@@ -38,6 +40,8 @@ def check_options(c: Components, opts: SearchOptions) -> None:
     ):
         if not low <= value <= high:
             raise BadInput(f"{name}: must be between {low} and {high} (got {value})", code="validation-error")
+    if opts.sort not in ("relevance", "date"):
+        raise BadInput(f"sort: relevance or date (got {opts.sort!r})", code="validation-error")
     opts.filters.check()
 
 
@@ -51,9 +55,11 @@ async def search_text(c: Components, text: str, opts: SearchOptions) -> SearchPa
         vec, truncated = await c.encode_text(text)
     allowed = await _allowed(c, opts.filters, timer)
     snapshot = c.index.handle()  # this search's index, whatever swaps happen meanwhile
-    need = max(opts.offset + opts.k, opts.rerank) + _SLACK
+    need = max(opts.offset + opts.k, opts.rerank, _pool(c, opts)) + _SLACK
     with timer.stage("vector_search"):
         hits = await asyncio.to_thread(snapshot.search, vec, need, allowed=allowed)
+    if opts.sort == "date":
+        return await _by_date(c, snapshot, hits, opts, timer, text=text, truncated=truncated)
     return await _page(c, snapshot, hits, opts, timer, text=text, truncated=truncated)
 
 
@@ -84,12 +90,62 @@ async def _by_image(
 ) -> SearchPage:
     allowed = await _allowed(c, opts.filters, timer)
     snapshot = c.index.handle()
-    need = opts.offset + opts.k + _SLACK
+    need = max(opts.offset + opts.k, _pool(c, opts)) + _SLACK
     with timer.stage("vector_search"):
         hits = await asyncio.to_thread(
             snapshot.search_by_image, np.asarray(vectors), need, allowed=allowed, exclude=exclude
         )
+    if opts.sort == "date":
+        return await _by_date(c, snapshot, hits, opts, timer, text=None, truncated=False)
     return await _page(c, snapshot, hits, opts, timer, text=None, truncated=False)
+
+
+def _pool(c: Components, opts: SearchOptions) -> int:
+    return c.settings.date_sort_pool if opts.sort == "date" else 0
+
+
+def _date_key(hit: Hit) -> tuple[int, float, int]:
+    # Newest first; undated photos last, in relevance order. Capture times are naive wall-clock times.
+    if hit.captured_at is None:
+        return (1, 0.0, hit.rank)
+    return (0, -(hit.captured_at.replace(tzinfo=None) - dt.datetime(1970, 1, 1)).total_seconds(), hit.rank)
+
+
+async def _by_date(
+    c: Components,
+    snapshot: IndexHandle,
+    hits: list[tuple[int, float]],
+    opts: SearchOptions,
+    timer: Timer,
+    *,
+    text: str | None,
+    truncated: bool,
+) -> SearchPage:
+    """sort=date: the best ``date_sort_pool`` hits of the relevance ranking, newest first. Each hit keeps
+    its rank and scores; only the order changes. The page's first ``captions`` hits are captioned."""
+    pool_opts = replace(opts, k=c.settings.date_sort_pool, offset=0, captions=0, sort="relevance")
+    pool = await _page(c, snapshot, hits, pool_opts, timer, text=text, truncated=truncated)
+    ordered = sorted(pool.hits, key=_date_key)
+    page = ordered[opts.offset : opts.offset + opts.k]
+    n_cap = opts.captions if c.has_captions else 0
+    if n_cap and page:
+        key = c.encoder.caption_key or ""
+        ids = [h.image_id for h in page[:n_cap]]
+        cached = await asyncio.to_thread(c.catalog.captions, ids, key, None)
+        todo = [i for i in ids if i not in cached]
+        fresh: dict[int, str] = {}
+        if todo:
+            infos = await asyncio.to_thread(c.catalog.image_infos, todo)
+            fresh = await _caption(c, [i for i in todo if i in infos], infos, timer)
+            if fresh:
+                c.metrics.captions.labels("generated").inc(len(fresh))
+                await asyncio.to_thread(c.catalog.store_captions, fresh, key, None)
+        for h in page[:n_cap]:
+            h.caption = cached.get(h.image_id) or fresh.get(h.image_id)
+    return replace(
+        pool, k=opts.k, offset=opts.offset, hits=page,
+        next_offset=next_offset(len(ordered), opts.offset, opts.k), timings_ms=timer.done(),
+    )  # fmt: skip
 
 
 async def _allowed(c: Components, filters: SearchFilters, timer: Timer) -> set[int] | None:
@@ -168,8 +224,10 @@ async def _rerank(
     the page's top hits from the same ViT pass (features kept on the model worker in between)."""
     end = opts.offset + opts.k
     work = [x.image_id for x in cands[:depth]]
-    if n_cap:  # page hits past the depth keep their ITC order: known now, so they join the ViT pass
-        work += [x.image_id for x in cands[depth:end][:n_cap] if x.image_id not in cached]
+    if n_cap:  # page hits past the depth keep their ITC order (order[i] is cands[i] there): known now,
+        # so those among the page's first n_cap join the ViT pass
+        first = cands[max(depth, opts.offset) : opts.offset + n_cap]
+        work += [x.image_id for x in first if x.image_id not in cached]
     work = list(dict.fromkeys(work))
     with timer.stage("load_candidates"):
         pixels = await asyncio.to_thread(c.images.pixels_of, {i: infos[i] for i in work})

@@ -28,9 +28,10 @@ class SearchFilters:
     path_prefix: str | None = None  # below the root
     captured_after: dt.datetime | None = None  # camera wall-clock time, inclusive
     captured_before: dt.datetime | None = None
+    camera: str | None = None  # EXIF make, model, or "make model" (CatalogReader.facets lists them)
 
     def active(self) -> bool:
-        values = (self.root, self.path_prefix, self.captured_after, self.captured_before)
+        values = (self.root, self.path_prefix, self.captured_after, self.captured_before, self.camera)
         return any(v not in (None, "") for v in values)
 
     def check(self) -> None:
@@ -53,6 +54,8 @@ class SearchOptions:
     rerank: int = 0
     captions: int = 0
     filters: SearchFilters = field(default_factory=SearchFilters)
+    # "relevance", or "date": the best ``date_sort_pool`` hits of the ranking, newest first.
+    sort: str = "relevance"
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Catalog images by id: metadata, thumbnail, original. Never by a path from the request."""
+"""Catalog images by id: metadata, thumbnail, display image, original. Never by a path from the request."""
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, Response
@@ -29,6 +29,17 @@ def build(settings: Settings) -> APIRouter:
         """A JPEG thumbnail (longer side 384 px)."""
         thumb = await service.thumbnail(image_id)
         return Response(content=thumb.data, media_type=thumb.media_type, headers=_CACHE)
+
+    @router.get(
+        "/{image_id}/display",
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}}, **problems(401, 404, 422)},
+    )
+    async def display(service: Service, image_id: IdPath) -> Response:
+        """A JPEG of the original for viewing (longer side at most ``display_max_side``), converted on the
+        server whatever the original's format (HEIC, AVIF, TIFF, ... that browsers may not show)."""
+        image = await service.display(image_id)
+        return Response(content=image.data, media_type=image.media_type, headers=_CACHE)
 
     @router.get(
         "/{image_id}/original",
