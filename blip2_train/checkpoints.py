@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def save_hf(
-    model: nn.Module,
+    model: Any,  # a transformers PreTrainedModel (its attributes read as Tensor | Module to mypy)
     folder: Path,
     tokenizer: PreTrainedTokenizerBase,
     spec: ImageSpec,

@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,14 +52,14 @@ class CaptionedImage:
 
 
 # ---------------------------------------------------------------------------------------------- readers
-def _image_key(obj: dict) -> str:
+def _image_key(obj: dict[str, Any]) -> str:
     for key in ("image", "file_name", "filepath", "path", "img"):
         if key in obj and isinstance(obj[key], str):
             return obj[key]
     raise ValueError(f"no image path in {sorted(obj)} (expected one of image, file_name, filepath, path)")
 
 
-def _caption_list(obj: dict) -> list[str]:
+def _caption_list(obj: dict[str, Any]) -> list[str]:
     value = obj.get("captions", obj.get("caption", obj.get("text")))
     if value is None and "sentences" in obj:
         value = [s["raw"] if isinstance(s, dict) else s for s in obj["sentences"]]

@@ -10,9 +10,10 @@ in the top K, and an image -> text query when any of the image's captions is.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ class RetrievalReport:
     itm_t2i: Recall
     itm_i2t: Recall
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def table(self) -> str:
@@ -80,7 +81,7 @@ def _ranks(scores: np.ndarray, correct: Sequence[set[int]]) -> np.ndarray:
     return out
 
 
-def _rerank(itc: np.ndarray, k: int, itm_logit) -> np.ndarray:
+def _rerank(itc: np.ndarray, k: int, itm_logit: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
     """Scores where each row's ITC top-k become ``ITM logit + ITC sim`` and sit above the rest.
 
     ``itm_logit(rows, cols)`` returns the match logits of those pairs (one batched call).

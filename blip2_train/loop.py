@@ -43,7 +43,15 @@ class Trainer:
         self.autocast = resolve_precision(cfg.precision, self.device)
         self.finished = False
 
-    def _save(self, run: StageRun, step: int, optimizer, scheduler, spec: ImageSpec, scaler) -> Path:
+    def _save(
+        self,
+        run: StageRun,
+        step: int,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        spec: ImageSpec,
+        scaler: torch.amp.GradScaler | None,
+    ) -> Path:
         extra = run.module.training_state() if isinstance(run.module, Stage0 | Stage1) else {}
         state = {
             "optimizer": optimizer.state_dict(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,7 +79,10 @@ def scratch_configs(
 ) -> tuple[Blip2Config, Blip2Config]:
     """Configs for a new model pair, without dropout: with a few hundred steps on clean synthetic
     data there is nothing to regularise against and dropout only slows learning."""
-    retrieval, caption = tiny_configs(shape, len(bert), len(opt), opt.convert_tokens_to_ids("<image>"))
+    image_token = opt.convert_tokens_to_ids("<image>")
+    assert isinstance(image_token, int)
+    retrieval, caption = tiny_configs(shape, len(bert), len(opt), image_token)
+    cfg: Any
     for cfg in (retrieval, caption):
         cfg.qformer_config.hidden_dropout_prob = 0.0
         cfg.qformer_config.attention_probs_dropout_prob = 0.0
@@ -87,7 +91,7 @@ def scratch_configs(
     return retrieval, caption
 
 
-def init_query_tokens(model: nn.Module, seed: int) -> None:
+def init_query_tokens(model: Any, seed: int) -> None:
     # Zeros (the HF init) would make all queries identical; BLIP-2 draws them from N(0, 0.02).
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -142,6 +146,6 @@ def queries_from_caption(
         )
 
 
-def _same_blocks(a: nn.Module, b: nn.Module) -> bool:
+def _same_blocks(a: Any, b: Any) -> bool:
     sa, sb = a.vision_model.encoder.state_dict(), b.vision_model.encoder.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -28,6 +28,7 @@ the rest of the project loads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,12 @@ from blip2_embed.encoder import query_output, vision_trunk
 NEG_INF = torch.finfo(torch.float32).min
 
 
-def vision_embeds(model: nn.Module, pixels: torch.Tensor, *, blocks_grad: bool = True) -> torch.Tensor:
+def _config(model: nn.Module) -> Any:
+    """A transformers model's config, read as Any (its sub-configs are typed as dicts or None)."""
+    return getattr(model, "config")  # noqa: B009
+
+
+def vision_embeds(model: Any, pixels: torch.Tensor, *, blocks_grad: bool = True) -> torch.Tensor:
     """ViT output after the final LayerNorm, (B, T, W). With ``blocks_grad=False`` the blocks run
     without autograd (frozen: no activations kept) while the final LayerNorm still trains."""
     vm = model.vision_model
@@ -117,8 +123,9 @@ class Stage0(nn.Module):
     def __init__(self, model: Blip2ForImageTextRetrieval, *, init_temperature: float = 0.07) -> None:
         super().__init__()
         self.model = model
-        width = model.config.vision_config.hidden_size
-        self.image_head = nn.Linear(width, model.config.image_text_hidden_size)
+        config: Any = model.config
+        width = config.vision_config.hidden_size
+        self.image_head = nn.Linear(width, config.image_text_hidden_size)
         self.temperature = nn.Parameter(torch.tensor(float(init_temperature)))
 
     def training_state(self) -> dict[str, torch.Tensor]:
@@ -191,7 +198,7 @@ class Stage1(nn.Module):
         self.itg_weight = itg_weight
         self.temperature = nn.Parameter(torch.tensor(float(init_temperature)))
         self.itg_head = TextDecoderHead(
-            model.embeddings.word_embeddings, eps=model.config.qformer_config.layer_norm_eps
+            model.embeddings.word_embeddings, eps=_config(model).qformer_config.layer_norm_eps
         )
 
     def training_state(self) -> dict[str, torch.Tensor]:
@@ -238,7 +245,9 @@ class Stage1(nn.Module):
         ).last_hidden_state
         return m.itm_head(hidden[:, :q]).mean(dim=1)
 
-    def itg_loss(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def itg_loss(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         m = self.model
         dec_ids = input_ids.clone()
         dec_ids[:, 0] = self.dec_token_id

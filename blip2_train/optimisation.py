@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 
-def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases, norms, embeddings, query tokens and the temperature
     (decaying them pulls scales and lookup vectors towards zero without regularising anything)."""
     decay, no_decay = [], []

@@ -122,7 +122,7 @@ class Scene:
     objects: tuple[SceneObject, ...]
     seed: int = 0
 
-    def key(self) -> tuple:
+    def key(self) -> tuple[object, ...]:
         """The attributes a caption states; two scenes with the same key have the same captions."""
         return (self.background, *sorted((o.colour, o.shape, o.size, o.position) for o in self.objects))
 
@@ -232,7 +232,7 @@ def iter_scenes(seed: int, n: int, max_objects: int = 1, unique: bool = True) ->
     Uniqueness is only enforced while it is possible: past the number of distinct keys, repeats are let
     through rather than looping forever.
     """
-    seen: set[tuple] = set()
+    seen: set[tuple[object, ...]] = set()
     index = 0
     tries = 0
     produced = 0

@@ -96,7 +96,7 @@ def build_opt_tokenizer(words: Iterable[str] = BASE_WORDS, vocab_size: int = 100
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
     tokenizer = GPT2Tokenizer(
         vocab=state["vocab"],
-        merges=merges,
+        merges=merges,  # type: ignore[arg-type]  # typed as strings; the tokenizer takes pairs too
         bos_token="</s>",
         eos_token="</s>",
         unk_token="<unk>",
@@ -169,6 +169,7 @@ def build_tiny_checkpoints(
     bert = build_bert_tokenizer(max_len=shape.max_text_len)
     opt = build_opt_tokenizer()
     image_token = opt.convert_tokens_to_ids("<image>")
+    assert isinstance(image_token, int)
     retrieval_cfg, caption_cfg = tiny_configs(shape, len(bert), len(opt), image_token)
 
     torch.manual_seed(seed)

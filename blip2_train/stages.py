@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
@@ -80,7 +81,9 @@ def train(cfg: TrainConfig) -> dict[str, list[dict[str, float]]]:
         bert, opt = build_tokenizers(caption_words(items), cfg.shape.max_text_len)
         retrieval_cfg, caption_cfg = scratch_configs(cfg.shape, bert, opt)
     else:
-        spec = ImageSpec.from_pretrained(cfg.init_retrieval or cfg.init_caption)
+        source = cfg.init_retrieval or cfg.init_caption
+        assert source is not None  # not from scratch: one of them is set
+        spec = ImageSpec.from_pretrained(source)
     log.info("%d captioned images, %d px input; decoding into memory", len(items), spec.size)
     dataset = CaptionDataset(items, spec)
     results: dict[str, list[dict[str, float]]] = {}
@@ -94,6 +97,7 @@ def train(cfg: TrainConfig) -> dict[str, list[dict[str, float]]]:
         previous stage left (in memory, or its newest checkpoint from an earlier run), else new."""
         nonlocal bert
         if resume_stage == stage:
+            assert resume is not None  # resume_stage comes from it
             model, bert = load_retrieval(str(resume / "model"))
             return model
         if retrieval is not None:
@@ -137,6 +141,7 @@ def train(cfg: TrainConfig) -> dict[str, list[dict[str, float]]]:
         dec = bert.convert_tokens_to_ids("[DEC]")
         if dec is None or dec == bert.unk_token_id:
             dec = bert.cls_token_id  # a checkpoint whose vocabulary lacks [DEC]: reuse [CLS]
+        assert isinstance(dec, int)
         module = Stage1(retrieval, dec, train_vision=train_vision)
         run = StageRun(1, module, retrieval, bert, text_len, cfg.steps1, cfg.lr1)
         results["stage1"] = trainer.run_stage(run, dataset, resume if resume_stage == 1 else None)
@@ -147,6 +152,7 @@ def train(cfg: TrainConfig) -> dict[str, list[dict[str, float]]]:
 
     if 2 in stages:
         if resume_stage == 2:
+            assert resume is not None
             caption, opt = load_caption(str(resume / "model"))
         elif from_scratch:
             if retrieval is None:
@@ -170,7 +176,7 @@ def train(cfg: TrainConfig) -> dict[str, list[dict[str, float]]]:
             64,
             cfg.steps2,
             cfg.lr2,
-            lm_bos=caption.config.text_config.bos_token_id,
+            lm_bos=_text_config(caption).bos_token_id,
         )
         results["stage2"] = trainer.run_stage(run2, dataset, resume if resume_stage == 2 else None)
         if not trainer.finished:
@@ -178,3 +184,8 @@ def train(cfg: TrainConfig) -> dict[str, list[dict[str, float]]]:
         save_hf(caption, out / "caption", opt, spec, cfg.save_dtype)
         log.info("stage 2 done: %s", out / "caption")
     return results
+
+
+def _text_config(model: Blip2ForConditionalGeneration) -> Any:
+    """The language model's config (transformers types sub-configs as dicts or None)."""
+    return model.config.text_config
