@@ -45,6 +45,10 @@ case "$cmd" in
         setup
         "$VENV/bin/ruff" check .
         "$VENV/bin/ruff" format --check .
+        # Every product package; strict where pyproject.toml says (settings, search service, vector index, ...).
+        "$VENV/bin/mypy" blip2_embed catalog indexer search_api blip2_search blip2_train migrations
+        # The dependency rule of docs/architecture.md (tests/blip2_search/test_architecture.py runs it too).
+        "$VENV/bin/python" -m blip2_search.tools.imports
         ;;
     *)
         echo "usage: ./dev.sh {demo|test|lint|setup} [args...]" >&2
