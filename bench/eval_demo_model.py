@@ -1,4 +1,5 @@
-"""Quality of a demo-model pair on unseen scenes, per seed: what tests/test_quality.py gates, at full size.
+"""Quality of a demo-model pair on unseen scenes, per seed: what tests/blip2_train/test_quality.py gates,
+at full size.
 
     python bench/eval_demo_model.py MODEL_DIR [--seeds 9001 9002 9003] [--n 300] [--k 16] [--json OUT]
 

@@ -1,9 +1,9 @@
 """Train several demo-model variants side by side (one process each) and report their quality.
 
 Each variant runs the three `blip2-search train` stages of docs/training.md with its own flags, then is
-evaluated exactly as tests/test_quality.py does (100 held-out scenes, seed 424242, 128 px) plus captions
-on 300 scenes. Made for a lent GPU, where eight tiny-model runs share one card; on a CPU give it one or
-two variants. Writes sweep.json and tars of the best three models into OUT.
+evaluated exactly as tests/blip2_train/test_quality.py does (100 held-out scenes, seed 424242, 128 px)
+plus captions on 300 scenes. Made for a lent GPU, where eight tiny-model runs share one card; on a CPU
+give it one or two variants. Writes sweep.json and tars of the best three models into OUT.
 
     python bench/sweep_demo_model.py OUT WORK SECONDS [NAME ...]     # NAME: keys of CONFIGS
     SWEEP_START_STAGE=2 ...   # rerun from stage 2 on a WORK folder whose stages 0-1 finished

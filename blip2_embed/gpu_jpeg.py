@@ -13,7 +13,8 @@ one model batch:
   rest one by one; a file nvJPEG still refuses goes to the CPU). EXIF orientation is applied on the GPU.
 - **Resize** to S x S: separable antialiased bicubic (``torch.nn.functional.interpolate``), horizontal
   then vertical with rounding to uint8 in between, which is how Pillow resizes 8-bit images: on the same
-  decoded pixels it equals ``Image.resize(BICUBIC)`` to at most 1 level (tests/test_gpu_jpeg.py). With
+  decoded pixels it equals ``Image.resize(BICUBIC)`` to at most 1 level
+  (tests/blip2_embed/test_gpu_jpeg.py). With
   ``box_reduce`` the image is first averaged down by a power of two to >= 2S (like the CPU path's DCT
   draft), which moves less memory; docs/indexer.md gives the measured differences.
 

@@ -10,7 +10,7 @@ from blip2_train.scratch import TinyCheckpoints, build_tiny_checkpoints
 
 # Catalog fixtures (SQLite and Postgres variants of a migrated catalog) and the Ray ones live in their
 # own modules.
-pytest_plugins = ["tests.conftest_catalog", "tests.conftest_ray"]
+pytest_plugins = ["tests.support.catalog_fixtures", "tests.support.ray_fixtures"]
 
 
 @pytest.fixture(scope="session")

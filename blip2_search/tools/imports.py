@@ -2,7 +2,7 @@
 
 ``python -m blip2_search.tools.imports`` prints the package graph (edges with how many imports make
 them), module sizes, and every broken rule; it exits 1 if any rule is broken.
-``tests/cli/test_architecture.py`` runs the same check. Imports inside functions count like top-level
+``tests/blip2_search/test_architecture.py`` runs the same check. Imports inside functions count like top-level
 ones (they are still dependencies, only deferred), and so do ``if TYPE_CHECKING:`` imports (a type
 is a dependency too).
 """

@@ -45,7 +45,7 @@ from blip2_embed.images import (
     resize_for_model,
     sniff_format,
 )
-from tests.fixtures_images import (
+from tests.support.images import (
     CORRUPT_EXIF_PAYLOADS,
     asymmetric_rgb,
     encode,

@@ -1,6 +1,6 @@
 """``index --engine ray`` on a local Ray: the same catalog as the local indexer, through faults.
 
-One Ray and one reference catalog serve all tests (tests/conftest_ray.py). The fault test wraps the
+One Ray and one reference catalog serve all tests (tests/support/ray_fixtures.py). The fault test wraps the
 engine's decode task and encoder actor so they pause at a known batch and report their pid, kills both,
 and checks Ray's retry/restart leaves nothing lost or duplicated.
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest_ray import RAY_BATCH, RAY_IMAGES, index_into, pausing_stages, ray_engine
+from tests.support.ray_fixtures import RAY_BATCH, RAY_IMAGES, index_into, pausing_stages, ray_engine
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _wait_for(marker: Path, seconds: float = 120) -> int:

@@ -20,7 +20,7 @@ import torch
 
 from catalog.db import upgrade
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass

@@ -20,7 +20,7 @@ from catalog.vector_index import IndexFileError, MultiVectorIndex, auto_nlist
 from catalog.vector_index.flat import FlatBackend
 from catalog.vector_index.gpu_scan import TorchScan
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
@@ -306,7 +306,7 @@ def test_empty_index_round_trip(tmp_path: Path) -> None:
 # Recipe: unit vectors from ``fixture_vectors(seed, n, 4, 8)``, ids ``arange(n) * step + offset``; flat:
 # 12 images (seed 0, ids 7i+3) less the 3rd and 6th, generation 17; IVF (sq8, nprobe 2): 40 images (seed
 # 1, ids 3i+1) less the first 4, generation 23; empty: generation 2. Both carry FIXTURE_INFO.
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 FIXTURE_INFO = {"catalog_uid": "fixture-uid", "model_key": "fixture-model"}
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import inspect, text
 from catalog import db
 from catalog.models import Base
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _head() -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_indexer_support import CatalogDump, dump, write_image
+from tests.support.indexer import CatalogDump, dump, write_image
 
 RAY_BATCH = 4
 RAY_IMAGES = 10  # distinct photos: batches 4 + 4 + 2

@@ -11,7 +11,7 @@ import pytest
 from catalog.thumbnails import thumbnail_path
 from indexer.decode import DecodeConfig, DecodeFailure, decode_file
 from indexer.scan import scan_root
-from tests.test_indexer_support import Env, image_bytes, write_image
+from tests.support.indexer import Env, image_bytes, write_image
 
 
 @pytest.fixture

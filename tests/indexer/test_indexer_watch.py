@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from indexer.watch import folders_to_rescan, skipped_by_scan
-from tests.test_indexer_cli import REPO, _env
-from tests.test_indexer_support import write_image
+from tests.indexer.test_indexer_cli import REPO, _env
+from tests.support.indexer import write_image
 
 
 def _catalog(data: Path) -> tuple[int, dict[str, str]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_wheel_holds_the_demo_model_and_all_package_data(wheel: Path) -> None:
 def test_installed_wheel_serves_the_compose_demo_outside_the_repo(wheel: Path, tmp_path: Path) -> None:
     """What the compose file's demo service runs, from the wheel's files (first on the path) in a folder
     far from the clone, offline: the demo finds the packaged model, indexes and serves searches."""
-    from tests.test_deployment import compose
+    from tests.blip2_search.test_deployment import compose
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

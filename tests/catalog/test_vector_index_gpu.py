@@ -1,8 +1,8 @@
 """The CUDA paths of MultiVectorIndex (torch scan for flat; IVF on the CPU without faiss-gpu).
 
 Skipped where torch sees no CUDA device (the CPU dev box and CI); run on a GPU machine with
-``python -m pytest --noconftest tests/test_vector_index_gpu.py``. The same torch code runs on the CPU
-in tests/test_vector_index.py::test_torch_scan_matches_faiss.
+``python -m pytest --noconftest tests/catalog/test_vector_index_gpu.py``. The same torch code runs on the CPU
+in tests/catalog/test_vector_index.py::test_torch_scan_matches_faiss.
 """
 
 from __future__ import annotations

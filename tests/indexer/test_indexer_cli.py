@@ -22,9 +22,9 @@ from typer.testing import CliRunner
 
 from catalog.db import make_engine
 from indexer.run import IndexOptions, IndexTarget, RunSummary, run_index
-from tests.test_indexer_support import dump, write_image
+from tests.support.indexer import dump, write_image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 N_IMAGES = 7  # batches of 2: 2 + 2 + 2 + 1
 BATCH = 2
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from blip2_search.cli import app
 from blip2_search.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
 
 
@@ -28,4 +28,4 @@ def test_readme_commands_exist() -> None:
         result = CliRunner().invoke(app, [command, "--help"])
         assert result.exit_code == 0, f"`blip2-search {command}` from the README: {result.output}"
     for dev_command in re.findall(r"^\./dev\.sh (\w+)", README, flags=re.M):
-        assert f"    {dev_command})" in (Path(__file__).resolve().parents[1] / "dev.sh").read_text()
+        assert f"    {dev_command})" in (Path(__file__).resolve().parents[2] / "dev.sh").read_text()

@@ -23,8 +23,8 @@ from catalog.vector_index import MultiVectorIndex
 from indexer.report import render_summary
 from indexer.roots import RootScope, plan_roots
 from indexer.run import RunSummary
+from tests.support.indexer import Env, NulCaptions, image_bytes, write_image
 from tests.support.pause import PauseAt
-from tests.test_indexer_support import Env, NulCaptions, image_bytes, write_image
 
 
 @pytest.fixture

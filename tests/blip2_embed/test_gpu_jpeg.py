@@ -25,7 +25,7 @@ from blip2_embed.gpu_jpeg import (
     to_model_input,
 )
 from blip2_embed.images import ImageSpec, decode_for_model, preprocess
-from tests.fixtures_images import asymmetric_rgb, encode, exif_bytes, photo_like
+from tests.support.images import asymmetric_rgb, encode, exif_bytes, photo_like
 
 SPEC = ImageSpec(size=64)
 

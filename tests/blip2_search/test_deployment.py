@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from blip2_search.cli import app
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COMPOSE_TEXT = (REPO / "docker-compose.yml").read_text()
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 _VAR = re.compile(r"\$\$|\$\{(\w+)(?:(:?-)([^}]*))?\}")

@@ -25,9 +25,9 @@ from catalog import repository as repo
 from catalog.model_inputs import ModelInputStore, encode_model_input, spec_key
 from indexer.run import IndexOptions, ProgressSink, RunSummary, run_index
 from search_api.app import create_app
-from tests.fixtures_images import encode, exif_bytes, photo_like, stored_for_orientation
 from tests.support.catalog import index_folder
-from tests.test_indexer_support import Env
+from tests.support.images import encode, exif_bytes, photo_like, stored_for_orientation
+from tests.support.indexer import Env
 
 TEXT = "a red circle"
 
