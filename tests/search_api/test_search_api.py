@@ -23,30 +23,28 @@ from prometheus_client.parser import text_string_to_metric_families
 from blip2_search.settings import Settings
 from search_api.app import create_app
 from search_api.service.inference import InferenceWorker, InvalidInput
-from tests.support.catalog import index_folder, jpeg_bytes, make_photos
+from tests.support.catalog import jpeg_bytes, tiny_catalog
 
 N_PHOTOS = 12
 
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints, encoder) -> Settings:
-    base = tmp_path_factory.mktemp("search-api")
-    photos = base / "photos"
-    make_photos(photos, N_PHOTOS)
-    # Same bytes at a second path: one image, two files.
-    (photos / "2023" / "copy_of_img_000.jpg").write_bytes((photos / "2023" / "img_000.jpg").read_bytes())
-    settings = Settings(
-        data_dir=base / "data",
-        retrieval_model=str(tiny_checkpoints.retrieval),
-        caption_model=str(tiny_checkpoints.caption),
-        device="cpu",
+    def copy_one(photos: Path) -> None:
+        # Same bytes at a second path: one image, two files.
+        (photos / "2023" / "copy_of_img_000.jpg").write_bytes((photos / "2023" / "img_000.jpg").read_bytes())
+
+    return tiny_catalog(
+        tmp_path_factory.mktemp("search-api"),
+        tiny_checkpoints,
+        encoder,
+        N_PHOTOS,
+        before_index=copy_one,
         index_poll_seconds=0.2,
         caption_max_new_tokens=5,
         max_upload_bytes=200_000,
         max_upload_pixels=500_000,
     )
-    index_folder(settings, encoder, photos)
-    return settings
 
 
 @pytest.fixture(scope="module")

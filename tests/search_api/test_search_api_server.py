@@ -23,8 +23,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from blip2_search.settings import Settings
-from tests.support.catalog import index_folder, jpeg_bytes, make_photos
+from tests.support.catalog import index_folder, jpeg_bytes, make_photos, tiny_catalog
 from tests.support.server import ServerProcess
 
 N_PHOTOS = 12
@@ -34,22 +33,19 @@ ADDED = 6
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints, encoder):
     base = tmp_path_factory.mktemp("served")
-    photos = base / "photos"
-    make_photos(photos, N_PHOTOS)
-    settings = Settings(
-        data_dir=base / "data",
-        retrieval_model=str(tiny_checkpoints.retrieval),
-        caption_model=str(tiny_checkpoints.caption),
-        device="cpu",
+    settings = tiny_catalog(
+        base,
+        tiny_checkpoints,
+        encoder,
+        N_PHOTOS,
         index_poll_seconds=0.3,
         caption_max_new_tokens=4,
         max_upload_bytes=300_000,
         max_upload_pixels=1_000_000,
         api_keys="secret",
     )
-    index_folder(settings, encoder, photos)
     with ServerProcess(settings) as server:
-        yield server, settings, photos
+        yield server, settings, base / "photos"
 
 
 @pytest.fixture(scope="module")

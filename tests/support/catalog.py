@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +43,21 @@ def make_photos(folder: Path, count: int, *, start: int = 0) -> list[Path]:
     return paths
 
 
-def tiny_catalog(base: Path, checkpoints, encoder, photos: int, **overrides: object) -> Settings:
+def tiny_catalog(
+    base: Path,
+    checkpoints,
+    encoder,
+    photos: int,
+    *,
+    before_index: Callable[[Path], None] | None = None,
+    **overrides: object,
+) -> Settings:
     """Settings for a catalog under ``base`` over the tiny checkpoints on CPU, filled by the real indexer
-    with ``make_photos(base / "photos", photos)``."""
+    with ``make_photos(base / "photos", photos)`` (``before_index(photos_dir)`` may add files first).
+    The one catalog builder of the API, server and service tests."""
     make_photos(base / "photos", photos)
+    if before_index is not None:
+        before_index(base / "photos")
     settings = Settings(
         data_dir=base / "data",
         retrieval_model=str(checkpoints.retrieval),
