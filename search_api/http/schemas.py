@@ -172,19 +172,8 @@ class Health(BaseModel):
     status: str
 
 
-class Readiness(BaseModel):
-    ready: bool
-    models_loaded: bool
-    caption_model: bool
-    index_generation: int | None
-    published_generation: int | None
-    indexed_images: int
-    inference_queue: int
-    detail: str | None = None
-
-    @classmethod
-    def of(cls, r: st.Readiness) -> "Readiness":
-        return cls(**_fields(r))
+# The service's dataclass is the body as it is (FastAPI documents and serialises dataclasses).
+Readiness = st.Readiness
 
 
 # ------------------------------------------------------------------ request bodies
