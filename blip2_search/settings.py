@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal, TypedDict
+from typing import Annotated, Literal, TypedDict, cast
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -285,15 +285,11 @@ class Settings(BaseSettings):
 
     def vector_index_options(self) -> VectorIndexOptions:
         """How the vector index is built and searched: the fields of ``catalog.index_store``'s
-        ``VectorIndexOptions``, as in ``VectorIndexOptions(**settings.vector_index_options())``."""
-        return VectorIndexOptions(
-            kind=self.vector_index_kind,
-            ivf_threshold=self.vector_index_ivf_threshold,
-            ivf_threshold_cuda=self.vector_index_ivf_threshold_cuda,
-            ivf_codec=self.vector_index_ivf_codec,
-            nlist=self.vector_index_nlist,
-            nprobe=self.vector_index_nprobe,
-            device=self.vector_index_device,
+        ``VectorIndexOptions``, as in ``VectorIndexOptions(**settings.vector_index_options())``: each
+        is the ``vector_index_<field>`` setting."""
+        return cast(
+            VectorIndexOptions,
+            {key: getattr(self, f"vector_index_{key}") for key in VectorIndexOptions.__annotations__},
         )
 
     def as_env(self) -> dict[str, str]:

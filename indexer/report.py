@@ -128,21 +128,26 @@ def _list(console: Console, title: str, columns: list[str], rows: list[tuple[str
     console.print(table)
 
 
+def _count_rows(summary: object, *names: str) -> list[tuple[str, object]]:
+    """Rows for counts shown under their field's name."""
+    return [(name, getattr(summary, name)) for name in names]
+
+
+def _print_rows(console: Console, title: str, rows: list[tuple[str, object]]) -> None:
+    """A two-column table: bold names, values right-aligned."""
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for name, value in rows:
+        table.add_row(name, str(value))
+    console.print(table)
+
+
 def render_summary(console: Console, summary: RunSummary, max_failures: int = 50) -> None:
     title = "dry run: nothing written" if summary.dry_run else "index run"
     if summary.interrupted:
         title += " (interrupted; committed batches kept)"
-    table = Table(title=title, show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    rows: list[tuple[str, object]] = [
-        ("new", summary.new),
-        ("changed", summary.changed),
-        ("unchanged", summary.unchanged),
-        ("moved", summary.moved),
-        ("deleted", summary.deleted),
-        ("failed", summary.failed),
-    ]
+    rows = _count_rows(summary, "new", "changed", "unchanged", "moved", "deleted", "failed")
     if summary.dry_run:
         rows.append(("would embed", summary.to_embed))
     else:
@@ -152,9 +157,7 @@ def render_summary(console: Console, summary: RunSummary, max_failures: int = 50
             rows.append(("generation", summary.generation))
     if summary.warnings:
         rows.append(("warnings", len(summary.warnings)))
-    for name, value in rows:
-        table.add_row(name, str(value))
-    console.print(table)
+    _print_rows(console, title, rows)
     # Paths and messages are already text forms (catalog.paths); markup=False keeps "[...]" literal.
     for note in summary.notes:
         console.print(note, markup=False, highlight=False)
@@ -198,23 +201,12 @@ def report_watch_run(console: Console, summary: RunSummary, initial: bool, as_js
 
 
 def render_watch_summary(console: Console, watched: WatchSummary) -> None:
-    table = Table(title="watch stopped", show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
     generations = watched.generations
-    rows = [
+    rows: list[tuple[str, object]] = [
         ("batches", watched.batches),
         ("generations published", len(generations)),
         ("last generation", generations[-1] if generations else "-"),
-        ("new", watched.new),
-        ("changed", watched.changed),
-        ("moved", watched.moved),
-        ("deleted", watched.deleted),
-        ("failed", watched.failed),
-        ("embedded", watched.embedded),
-        ("captioned", watched.captioned),
+        *_count_rows(watched, "new", "changed", "moved", "deleted", "failed", "embedded", "captioned"),
         ("seconds", f"{watched.seconds:.1f}"),
     ]
-    for name, value in rows:
-        table.add_row(name, str(value))
-    console.print(table)
+    _print_rows(console, "watch stopped", rows)

@@ -18,15 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from search_api.service.errors import (
-    BadInput,
-    NotConfigured,
-    NotFound,
-    ServiceError,
-    TooLarge,
-    Unavailable,
-    UnsupportedMedia,
-)
+from search_api.service import errors as se
+from search_api.service.errors import ServiceError
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -49,12 +42,12 @@ _TITLES = {
 
 # Service error -> HTTP status (the most specific class listed first wins).
 SERVICE_STATUS: tuple[tuple[type[ServiceError], int], ...] = (
-    (BadInput, 422),  # InvalidInput (the model thread refused one job's input) included
-    (NotFound, 404),
-    (TooLarge, 413),
-    (UnsupportedMedia, 415),
-    (NotConfigured, 409),
-    (Unavailable, 503),
+    (se.BadInput, 422),  # InvalidInput (the model thread refused one job's input) included
+    (se.NotFound, 404),
+    (se.TooLarge, 413),
+    (se.UnsupportedMedia, 415),
+    (se.NotConfigured, 409),
+    (se.Unavailable, 503),
 )
 
 

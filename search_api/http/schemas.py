@@ -5,7 +5,7 @@ import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
@@ -147,46 +147,35 @@ class CaptionResponse(BaseModel):
         return cls(**_fields(c))
 
 
-class EmbedTextResponse(BaseModel):
+class _Embeddings(BaseModel):
+    """A body of ITC vectors: the service's numpy ``vectors`` as nested lists, its other fields as is."""
+
+    @classmethod
+    def of(cls, e: st.TextEmbeddings | st.ImageEmbedding) -> Self:
+        return cls(**{**_fields(e), "vectors": e.vectors.tolist()})
+
+
+class EmbedTextResponse(_Embeddings):
     model_key: str
     dim: int
     truncated: list[bool]
     vectors: list[list[float]] = Field(description="(M, D) L2-normalised ITC text vectors.")
 
-    @classmethod
-    def of(cls, e: st.TextEmbeddings) -> "EmbedTextResponse":
-        return cls(**{**_fields(e), "vectors": e.vectors.tolist()})
 
-
-class EmbedImageResponse(BaseModel):
+class EmbedImageResponse(_Embeddings):
     model_key: str
     image_id: int | None = None
     dim: int
     num_vectors: int
     vectors: list[list[float]] = Field(description="(32, D) L2-normalised ITC query vectors.")
 
-    @classmethod
-    def of(cls, e: st.ImageEmbedding) -> "EmbedImageResponse":
-        return cls(**{**_fields(e), "vectors": e.vectors.tolist()})
-
 
 class Health(BaseModel):
     status: str
 
 
-class Readiness(BaseModel):
-    ready: bool
-    models_loaded: bool
-    caption_model: bool
-    index_generation: int | None
-    published_generation: int | None
-    indexed_images: int
-    inference_queue: int
-    detail: str | None = None
-
-    @classmethod
-    def of(cls, r: st.Readiness) -> "Readiness":
-        return cls(**_fields(r))
+# The service's dataclass is the body as it is (FastAPI documents and serialises dataclasses).
+Readiness = st.Readiness
 
 
 # ------------------------------------------------------------------ request bodies

@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import asyncio
 
-from search_api.service.components import Components
+from search_api.service.components import Components, Floats
 from search_api.service.errors import NotFound
+from search_api.service.timing import Timer
 from search_api.service.types import CaptionResult
+
+
+def _tokens(c: Components, max_new_tokens: int | None) -> int:
+    return max_new_tokens or c.settings.caption_max_new_tokens
+
+
+async def _generate(
+    c: Components, pixels: Floats, prompt: str | None, max_new_tokens: int | None, timer: Timer
+) -> str:
+    """One image's caption (or answer to ``prompt``), generated on the model thread."""
+    tokens = _tokens(c, max_new_tokens)
+    with timer.stage("captions"):
+        res = await c.worker.score(pixels, None, caption_rows=[0], prompt=prompt, max_new_tokens=tokens)
+    return res.captions.get(0, "")
 
 
 async def caption_image(
@@ -15,9 +30,8 @@ async def caption_image(
     """Caption a catalog image, or answer ``prompt`` about it."""
     key = c.caption_key()
     timer = c.timer()
-    tokens = max_new_tokens or c.settings.caption_max_new_tokens
     # The cache key is (image, model, prompt); only default-length generations are stored under it.
-    cacheable = tokens == c.settings.caption_max_new_tokens
+    cacheable = _tokens(c, max_new_tokens) == c.settings.caption_max_new_tokens
     if cacheable:
         with timer.stage("captions_cached"):
             hit = (await asyncio.to_thread(c.catalog.captions, [image_id], key, prompt)).get(image_id)
@@ -29,11 +43,7 @@ async def caption_image(
         pixels = await asyncio.to_thread(c.images.pixels_of, infos)
     if image_id not in pixels:
         raise NotFound(f"no readable image with id {image_id}", code="unknown-image")
-    with timer.stage("captions"):
-        res = await c.worker.score(
-            pixels[image_id][None], None, caption_rows=[0], prompt=prompt, max_new_tokens=tokens
-        )
-    text = res.captions.get(0, "")
+    text = await _generate(c, pixels[image_id][None], prompt, max_new_tokens, timer)
     c.metrics.captions.labels("generated").inc()
     if cacheable:
         await asyncio.to_thread(c.catalog.store_captions, {image_id: text}, key, prompt)
@@ -46,11 +56,7 @@ async def caption_upload(
     """Caption an uploaded image, or answer ``prompt`` about it (never cached)."""
     key = c.caption_key()
     timer = c.timer()
-    tokens = max_new_tokens or c.settings.caption_max_new_tokens
     with timer.stage("decode_upload"):
         pixels = await c.upload_pixels(data)
-    with timer.stage("captions"):
-        res = await c.worker.score(pixels, None, caption_rows=[0], prompt=prompt, max_new_tokens=tokens)
-    return CaptionResult(
-        None, prompt, res.captions.get(0, ""), cached=False, model_key=key, timings_ms=timer.done()
-    )
+    text = await _generate(c, pixels, prompt, max_new_tokens, timer)
+    return CaptionResult(None, prompt, text, cached=False, model_key=key, timings_ms=timer.done())

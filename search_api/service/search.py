@@ -281,17 +281,10 @@ async def _caption(
 
 
 def _hit(x: Candidate, info: ImageInfo, rank: int) -> Hit:
+    # Grouped by where each field comes from: the catalog's image, then the ranking's candidate.
     return Hit(
-        image_id=x.image_id,
-        path=encode_path(info.paths[0]) if info.paths else None,
-        width=info.width,
-        height=info.height,
-        captured_at=info.captured_at,
-        rank=rank,
-        itc_score=x.itc,
-        itm_prob=x.itm_prob,
-        itm_logit=x.itm_logit,
-        score=x.score,
-        reranked=x.reranked,
+        image_id=x.image_id, rank=rank, path=encode_path(info.paths[0]) if info.paths else None,
+        width=info.width, height=info.height, captured_at=info.captured_at,
+        itc_score=x.itc, itm_prob=x.itm_prob, itm_logit=x.itm_logit, score=x.score, reranked=x.reranked,
         caption=x.caption,
-    )
+    )  # fmt: skip

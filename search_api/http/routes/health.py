@@ -1,5 +1,7 @@
 """Liveness, readiness, Prometheus metrics, and the admin endpoint."""
 
+import dataclasses
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -26,8 +28,8 @@ def build(settings: Settings) -> APIRouter:
     async def readyz(request: Request) -> Response:
         """Readiness: models loaded, the index loaded, the model worker alive. 503 until then."""
         service = getattr(request.app.state, "blip2", None)  # None while the lifespan starts
-        body = _STARTING if service is None else Readiness.of(service.readiness())
-        return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+        body = _STARTING if service is None else service.readiness()
+        return JSONResponse(dataclasses.asdict(body), status_code=200 if body.ready else 503)
 
     @router.get(
         "/metrics",
@@ -49,6 +51,6 @@ def build(settings: Settings) -> APIRouter:
     )
     async def refresh_index(service: Service) -> Readiness:
         """Catch the index up to the catalog's published generation now (admin; needs an API key)."""
-        return Readiness.of(await service.refresh_index())
+        return await service.refresh_index()
 
     return router
