@@ -56,12 +56,26 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: TrainConfig) -> dict[str, list[dict[str, float]]]:
-    """Run the configured stages; returns each stage's logged metrics."""
+    """Run the configured stages; returns each stage's logged metrics.
+
+    The process-wide torch state it changes (threads, flushing subnormals) is put back afterwards: a
+    caller in the same process (a test session, a notebook) must not inherit a flushed FPU, under
+    which e.g. hypothesis refuses to generate floats.
+    """
+    threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     # Tiny models drift into subnormal floats (Adam's second moments, small gradients), which x86
     # computes dozens of times slower; flushing them to zero costs nothing measurable in accuracy.
     torch.set_flush_denormal(True)
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig) -> dict[str, list[dict[str, float]]]:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

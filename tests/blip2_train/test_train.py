@@ -246,3 +246,12 @@ def test_queries_from_caption_gives_the_caption_query_outputs(tiny_checkpoints) 
     assert not torch.allclose(before, expected)
     torch.testing.assert_close(after, expected)
     assert torch.equal(retrieval.qformer.encoder.layer[0].output.dense.weight, text_ffn)  # text branch kept
+
+
+def test_train_puts_the_process_torch_state_back(tiny_data: Path, tmp_path: Path) -> None:
+    """Flushing subnormals (set for training speed) must not leak into the rest of the process (a
+    flushed FPU makes hypothesis, and so the API fuzz tests after these, refuse to run)."""
+    threads = torch.get_num_threads()
+    train(_config(tiny_data, tmp_path, stage="1", steps1=1, num_threads=1))
+    assert torch.get_num_threads() == threads
+    assert np.float64(5e-324) * np.float64(1.0) != 0.0  # subnormals are still representable
