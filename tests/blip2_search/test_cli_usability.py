@@ -54,8 +54,10 @@ def test_version_help_quiet_logs_and_plain_progress(tmp_path: Path, tiny_checkpo
         "index": ["index", str(lib)],
         "verbose dry run": ["--verbose", "index", str(lib), "--dry-run"],
     }
+    # The dry run gets its own data folder: two first runs on one fresh catalog would both create it.
+    envs = {name: env for name in runs} | {"verbose dry run": env | {"BLIP2_DATA_DIR": str(tmp_path / "dry")}}
     with ThreadPoolExecutor(max_workers=3) as pool:
-        done = dict(zip(runs, pool.map(lambda a: _run(a, env), runs.values()), strict=True))
+        done = dict(zip(runs, pool.map(lambda n: _run(runs[n], envs[n]), runs), strict=True))
 
     assert done["version"].returncode == 0 and done["version"].stdout.strip() == f"blip2-search {__version__}"
     for name in ("help", "db help", "eval help"):
