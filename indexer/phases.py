@@ -57,7 +57,8 @@ def default_workers() -> int:
 
 def _resolved_root(root: Path | str, *, ray: bool) -> Path:
     """A root the run can scan: a local folder made absolute, or an object-store prefix (a
-    ``catalog.paths.ObjectURI``, typed as a Path for the plan: only pyarrow opens it)."""
+    ``catalog.paths.ObjectURI``, typed as a Path for the plan: only pyarrow opens it). ``ray``: the
+    run's decode can open URIs (the Ray engine; or a dry run, which decodes nothing)."""
     if is_uri(root):
         uri = as_uri(root)
         if not ray:
@@ -176,7 +177,8 @@ class Indexer:
     # ------------------------------------------------------------------ phases
     def run(self) -> RunSummary:
         started = time.perf_counter()
-        roots = [_resolved_root(r, ray=self.engine is not None) for r in self.options.roots]
+        reads_uris = self.engine is not None or self.options.dry_run
+        roots = [_resolved_root(r, ray=reads_uris) for r in self.options.roots]
         summary = RunSummary(roots=[encode_path(r) for r in roots], dry_run=self.options.dry_run)
         with self.sessions() as session:
             scopes = self._scopes(session, roots, summary)
