@@ -16,6 +16,8 @@ The catalog repository encodes on every write and decodes on every read; nothing
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path, PurePosixPath
 
 _BACKSLASH = b"\\"
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -62,3 +64,46 @@ def safe_text(message: str) -> str:
         raw = message.encode("utf-8", "surrogatepass")
     text = raw.decode("utf-8", "backslashreplace")
     return text.replace("\x00", "\\x00")
+
+
+# --- object-store roots --------------------------------------------------------------------------
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:$")
+
+
+class ObjectURI(PurePosixPath):
+    """An object-store folder or object (``s3://bucket/prefix/a.jpg``) as a path: it joins, compares
+    and relativises like a POSIX path (its parts are ``("s3:", "bucket", "prefix", ...)``), and its
+    text form (``str``, ``os.fspath``, the catalog's root path) is the URI again. Read through
+    pyarrow's filesystems; there is nothing to resolve."""
+
+    def __str__(self) -> str:
+        parts = self.parts
+        if parts and _SCHEME.match(parts[0]):
+            return f"{parts[0]}//{'/'.join(parts[1:])}"
+        return super().__str__()
+
+    def __fspath__(self) -> str:
+        return str(self)
+
+    def __repr__(self) -> str:
+        return f"ObjectURI({str(self)!r})"
+
+
+def is_uri(path: str | os.PathLike[str]) -> bool:
+    """``scheme://...`` text, or a ``Path`` made from it (which folds ``//`` into ``/``)."""
+    if isinstance(path, ObjectURI):
+        return True
+    text = os.fspath(path)
+    head = text.split("/", 1)[0]
+    return bool(_SCHEME.match(head)) and len(head) > 2  # not a one-letter drive-like name
+
+
+def as_uri(path: str | os.PathLike[str]) -> ObjectURI:
+    text = os.fspath(path)
+    scheme, _, rest = text.partition(":")
+    return ObjectURI(f"{scheme}:", *[p for p in rest.split("/") if p])
+
+
+def root_path(text: str) -> Path | ObjectURI:
+    """A library root as the catalog stores it (its text form, decoded): a local path or a URI."""
+    return as_uri(text) if is_uri(text) else Path(text)

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 from sqlalchemy import ColumnElement, Select, and_, case, func, or_, select, update
@@ -28,7 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from catalog.models import Caption, Embedding, File, FileStatus, Image, IndexState, LibraryRoot, utcnow
-from catalog.paths import decode_path, encode_path, safe_text
+from catalog.paths import ObjectURI, as_uri, decode_path, encode_path, is_uri, root_path, safe_text
 
 # Rows per IN (...) list: well under SQLite's and Postgres's bound-parameter limits.
 _CHUNK = 500
@@ -121,16 +121,18 @@ def _as_posix(relative_path: str) -> str:
 # --- roots -------------------------------------------------------------------------------------------
 
 
-def get_or_create_root(session: Session, path: str | Path) -> int:
-    """The id of the library root at ``path`` (made absolute), created on first use."""
-    resolved = encode_path(Path(path).expanduser().resolve())
+def get_or_create_root(session: Session, path: str | Path | ObjectURI) -> int:
+    """The id of the library root at ``path`` (made absolute; a URI as it is), created on first use."""
+    resolved = encode_path(as_uri(path) if is_uri(path) else Path(path).expanduser().resolve())
     session.execute(_insert(session, LibraryRoot).values(path=resolved).on_conflict_do_nothing())
     return session.execute(select(LibraryRoot.id).where(LibraryRoot.path == resolved)).scalar_one()
 
 
 def list_roots(session: Session) -> dict[int, Path]:
+    """id -> root; an object-store root is a ``catalog.paths.ObjectURI`` (a pure path, typed as a
+    ``Path`` for the code that only joins and compares roots; only pyarrow opens it)."""
     rows = session.execute(select(LibraryRoot.id, LibraryRoot.path))
-    return {row.id: Path(decode_path(row.path)) for row in rows}
+    return {row.id: cast(Path, root_path(decode_path(row.path))) for row in rows}
 
 
 # --- files -------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from blip2_embed.images import (
     resize_for_model,
 )
 from catalog.model_inputs import encode_model_input
+from catalog.paths import ObjectURI
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,11 @@ def init_worker(config: DecodeConfig) -> None:
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Path | ObjectURI, chunk: int = 1 << 20) -> str:
+    if isinstance(path, ObjectURI):  # an object-store root's file (indexer.object_store)
+        from indexer.object_store import sha256_object
+
+        return sha256_object(path, chunk)
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):

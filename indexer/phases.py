@@ -22,16 +22,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
+from blip2_embed.errors import ConfigurationError
 from blip2_embed.images import normalise
 from catalog import repository as repo
 from catalog.model_inputs import ModelInputStore
 from catalog.models import FileStatus
-from catalog.paths import encode_path
+from catalog.paths import as_uri, encode_path, is_uri
 from catalog.thumbnails import ThumbnailStore
 from indexer import catalog_writes as writes
 from indexer.decode import DecodeConfig, Decoded, DecodeFailure
@@ -52,6 +53,26 @@ log = logging.getLogger(__name__)
 def default_workers() -> int:
     """One core for the main thread (model feeding, writer); the rest decode."""
     return max(1, (os.cpu_count() or 2) - 1)
+
+
+def _resolved_root(root: Path | str, *, ray: bool) -> Path:
+    """A root the run can scan: a local folder made absolute, or an object-store prefix (a
+    ``catalog.paths.ObjectURI``, typed as a Path for the plan: only pyarrow opens it). ``ray``: the
+    run's decode can open URIs (the Ray engine; or a dry run, which decodes nothing)."""
+    if is_uri(root):
+        uri = as_uri(root)
+        if not ray:
+            raise ConfigurationError(f"{uri}: object-store roots are read by --engine ray only")
+        from indexer.object_store import is_folder
+
+        if not is_folder(uri):
+            raise FileNotFoundError(f"not a folder: {uri} (no objects under it)")
+        return cast(Path, uri)
+    path = Path(root).expanduser().resolve()
+    if not path.is_dir():
+        # Never diff a missing root: an unmounted drive would look like every photo deleted.
+        raise FileNotFoundError(f"not a folder: {encode_path(path)}")
+    return path
 
 
 @dataclass
@@ -156,11 +177,8 @@ class Indexer:
     # ------------------------------------------------------------------ phases
     def run(self) -> RunSummary:
         started = time.perf_counter()
-        roots = [Path(r).expanduser().resolve() for r in self.options.roots]
-        for root in roots:
-            if not root.is_dir():
-                # Never diff a missing root: an unmounted drive would look like every photo deleted.
-                raise FileNotFoundError(f"not a folder: {encode_path(root)}")
+        reads_uris = self.engine is not None or self.options.dry_run
+        roots = [_resolved_root(r, ray=reads_uris) for r in self.options.roots]
         summary = RunSummary(roots=[encode_path(r) for r in roots], dry_run=self.options.dry_run)
         with self.sessions() as session:
             scopes = self._scopes(session, roots, summary)

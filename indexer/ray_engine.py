@@ -258,12 +258,18 @@ class RayEngine:
         ]
         encoders, gpus = self.pool()
         ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch)))
+        extra: dict[str, Any] = {}
+        store_env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+        if store_env and any("://" in str(r["path"]) for r in rows):
+            # Object-store reads in the tasks use the driver's endpoint and credentials.
+            extra["runtime_env"] = {"env_vars": store_env}
         ds = ds.map_batches(
             self.decode,
             fn_kwargs={"config": config},
             batch_size=batch,
             num_cpus=self.options.decode_cpus,
             batch_format="numpy",
+            **extra,
         )
         ds = ds.map_batches(
             self.encoder_actor,

@@ -13,8 +13,9 @@ import stat as stat_mod
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-from catalog.paths import encode_path
+from catalog.paths import ObjectURI, encode_path
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def sniff_file(path: Path, sniff: Callable[[bytes], str | None]) -> tuple[str | 
 
 
 def scan_root(
-    root: Path,
+    root: Path | ObjectURI,
     *,
     include_hidden: bool = False,
     known: Callable[[str, int, int], bool] | None = None,
@@ -221,6 +222,9 @@ def scan_root(
     extension announces an image, so they are reported as failed. What could not be looked into is
     appended to ``problems`` (see :func:`walk_files`).
     """
+    if isinstance(root, ObjectURI):
+        yield from _scan_store(root, known=known, sniff=sniff, folders=folders, excluded=excluded)
+        return
     root = root.resolve()
     for rel, path, st in walk_files(
         root, include_hidden=include_hidden, folders=folders, excluded=excluded, problems=problems
@@ -233,3 +237,34 @@ def scan_root(
         if fmt is None and not has_image_extension(path.name):
             continue
         yield ScannedFile(root, rel, path, size, mtime_ns, format=fmt, error=error, sniffed=True)
+
+
+def _scan_store(
+    root: ObjectURI,
+    *,
+    known: Callable[[str, int, int], bool] | None,
+    sniff: Callable[[bytes], str | None],
+    folders: Sequence[str],
+    excluded: Collection[str],
+) -> Iterator[ScannedFile]:
+    """``scan_root`` over an object-store prefix: the same rules, objects listed instead of walked."""
+    from indexer import object_store
+
+    as_path = cast(Path, root)  # the plan keys files by root; only pyarrow opens these
+    for rel, uri, size, mtime_ns in object_store.list_objects(root, folders, excluded):
+        path = cast(Path, uri)  # opened only through pyarrow (object_store, the Ray decode tasks)
+        if known is not None and known(rel, size, mtime_ns):
+            yield ScannedFile(as_path, rel, path, size, mtime_ns)
+            continue
+        fmt: str | None
+        error: str | None = None
+        if size == 0:
+            fmt, error = None, "empty"
+        else:
+            try:
+                fmt = sniff(object_store.read_head(uri, HEAD_BYTES))
+            except OSError:
+                fmt, error = None, "unreadable"
+        if fmt is None and not has_image_extension(uri.name):
+            continue
+        yield ScannedFile(as_path, rel, path, size, mtime_ns, format=fmt, error=error, sniffed=True)

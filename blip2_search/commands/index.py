@@ -89,7 +89,7 @@ def index(
     """
     from rich.console import Console
 
-    from catalog.paths import encode_path
+    from catalog.paths import as_uri, encode_path, is_uri
     from indexer.progress import FanOut, ProgressSink
     from indexer.report import PlainProgress, RichProgress, render_summary, render_watch_summary
     from indexer.run import IndexOptions, IndexTarget, run_index
@@ -105,6 +105,10 @@ def index(
     )
     console = Console(stderr=True)
     for p in paths:
+        if is_uri(p):  # s3://... (checked by the run; --engine ray reads it)
+            if watch:
+                fail(f"--watch follows local folders only, not {as_uri(p)}", EXIT_USAGE)
+            continue
         if not p.is_dir():
             fail(f"not a folder: {encode_path(p)}", EXIT_USAGE)
     if watch and dry_run:

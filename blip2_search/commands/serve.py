@@ -24,7 +24,16 @@ def serve(
         str, typer.Option("--engine", help="local (one process) or ray (sharded index, model replicas).")
     ] = "local",
     shards: Annotated[int, typer.Option(min=1, help="--engine ray: index shards.")] = 2,
-    model_replicas: Annotated[int, typer.Option(min=1, help="--engine ray: model replica actors.")] = 1,
+    model_replicas: Annotated[
+        int, typer.Option(min=1, help="--engine ray: model replicas (Serve autoscaling lower bound).")
+    ] = 1,
+    max_model_replicas: Annotated[
+        int | None, typer.Option(min=1, help="--engine ray: autoscaling upper bound (default: the lower).")
+    ] = None,
+    model_gpus: Annotated[
+        float | None,
+        typer.Option(min=0, help="--engine ray: GPUs per model replica (default: 1 on a GPU cluster)."),
+    ] = None,
     ray_address: Annotated[
         str | None, typer.Option(help="--engine ray: join this cluster (default: start a local Ray).")
     ] = None,
@@ -47,9 +56,12 @@ def serve(
     if engine_name == "ray":
         from indexer.ray_engine import connect
         from search_api.scaleout.assembly import ShardLayout, create_sharded_app
+        from search_api.scaleout.models import ModelScaling
 
         connect(ray_address)  # a refused token or an unreachable cluster: one line (exit 1)
-        layout = ShardLayout(shards=shards, model_replicas=model_replicas)
+        top = max_model_replicas or model_replicas
+        scaling = ModelScaling(min_replicas=model_replicas, max_replicas=top, num_gpus=model_gpus)
+        layout = ShardLayout(shards=shards, models=scaling)
         app = create_sharded_app(settings, layout, encoder=load_encoder(settings))
     else:
         app = create_app(settings, encoder=load_encoder(settings))

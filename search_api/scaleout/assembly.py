@@ -1,13 +1,14 @@
 """``ShardedSearchService``: the ``SearchService`` with its index in N shard actors and its models in
-replica actors; ``create_sharded_app``: the single-process FastAPI app (every route, schema and error)
-in front of it, as the ingress. Needs Ray connected (``indexer.ray_engine.connect``)."""
+the ``blip2-models`` Ray Serve deployment; ``create_sharded_app``: the single-process FastAPI app
+(every route, schema and error) in front of it, as the ingress. Needs Ray connected
+(``indexer.ray_engine.connect``)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 
@@ -15,7 +16,7 @@ from blip2_embed.encoder import Blip2Encoder
 from blip2_search.settings import Settings
 from catalog.index_store import VectorIndexOptions
 from search_api.http.app import create_app
-from search_api.scaleout.models import ModelRecipe, RayModels
+from search_api.scaleout.models import ModelRecipe, ModelScaling, ServeModels
 from search_api.scaleout.watcher import ShardedWatcher
 from search_api.service import SearchService, load_encoder
 from search_api.service.index_watcher import IndexHandle
@@ -24,9 +25,8 @@ from search_api.service.index_watcher import IndexHandle
 @dataclass(frozen=True)
 class ShardLayout:
     shards: int = 2
-    model_replicas: int = 1
+    models: ModelScaling = field(default_factory=ModelScaling)
     gpus_per_shard: float = 0.0
-    gpus_per_model: float = 0.0
 
 
 class ShardedSearchService(SearchService):
@@ -42,9 +42,7 @@ class ShardedSearchService(SearchService):
             metrics.index_images.set(len(handle))
 
         recipe = ModelRecipe(dict(settings.encoder_options()), settings.inference_max_batch)
-        self.c.worker = RayModels(
-            encoder, recipe, replicas=layout.model_replicas, num_gpus=layout.gpus_per_model
-        )
+        self.c.worker = ServeModels(encoder, recipe, layout.models)
         options = VectorIndexOptions(**settings.vector_index_options())
         self.c.index = ShardedWatcher(
             self.c.catalog, encoder.retrieval_key or "", options,

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from catalog import repository as repo
 from catalog.db import make_engine, session_factory
+from catalog.paths import ObjectURI
 from catalog.repository import ImageInfo
 from search_api.service.types import SearchFilters
 
@@ -24,7 +25,8 @@ __all__ = ["CatalogReader", "ImageInfo", "readable_file"]
 
 def readable_file(paths: Sequence[Path], roots: Iterable[Path]) -> Path | None:
     """The first of ``paths`` that is a regular file and resolves (symlinks followed) inside a root."""
-    resolved_roots = [r.resolve() for r in roots]
+    # Object-store roots hold no local files: their originals are not served (docs/scale-out.md).
+    resolved_roots = [r.resolve() for r in roots if not isinstance(r, ObjectURI)]
     for path in paths:
         real = path.resolve()
         if real.is_file() and any(real.is_relative_to(r) for r in resolved_roots):

@@ -195,6 +195,18 @@ class InferenceWorker:
             with self._kept_lock:
                 self._kept.pop(kept.token, None)
 
+    def take_kept(self, kept: KeptFeatures) -> VisionFeatures:
+        """Hand kept features out of this worker (a stateless model replica returns them to its caller)."""
+        with self._kept_lock:
+            return self._kept.pop(kept.token)
+
+    def adopt_kept(self, features: VisionFeatures) -> KeptFeatures:
+        """Keep features made elsewhere (``take_kept``) for a ``caption_kept`` here."""
+        with self._kept_lock:
+            self._next_token += 1
+            self._kept[self._next_token] = features
+            return KeptFeatures(self._next_token, len(features))
+
     @property
     def kept_features(self) -> int:
         with self._kept_lock:

@@ -155,3 +155,18 @@ def test_the_api_serves_a_file_whose_name_is_not_utf8(
         assert sorted(h["path"] for h in hits.json()["hits"]) == sorted(
             encode_path(p.resolve()) for p in photos.iterdir()
         )
+
+
+def test_object_store_roots_keep_their_uri() -> None:
+    """An ``s3://`` root joins and relativises like a path and its text form is the URI again, also when
+    it arrives as a ``Path`` (which folds ``//``), so the catalog stores ``s3://bucket/prefix``."""
+    from catalog.paths import ObjectURI, as_uri, is_uri, root_path
+
+    root = as_uri("s3://bucket/photos")
+    child = root / "2024/a.jpg"
+    assert str(child) == "s3://bucket/photos/2024/a.jpg" and isinstance(child, ObjectURI)
+    assert child.relative_to(root).as_posix() == "2024/a.jpg" and child.is_relative_to(root)
+    assert encode_path(root) == "s3://bucket/photos" and as_uri(Path("s3://bucket/photos")) == root
+    assert is_uri(Path("s3://bucket/photos")) and not is_uri("/photos") and not is_uri("photos/a:b")
+    assert root_path("s3://bucket/photos") == root and root_path("/photos") == Path("/photos")
+    assert not Path("/photos").is_relative_to(root)

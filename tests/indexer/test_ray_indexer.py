@@ -135,17 +135,12 @@ def test_a_killed_driver_resumes_like_the_local_indexer(
     assert state.published_generation == state.open_generation == state.index_generation
 
 
-def test_decode_tasks_read_s3_objects(ray_local, ray_library, encoder, tmp_path) -> None:
-    """A decode task reads ``s3://`` through pyarrow (moto's S3 server on 127.0.0.1, started here) and
-    decodes exactly what the local path gives; a missing object is a recorded failure, not a crash."""
+@pytest.fixture
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (a free port), for this test only: yields its port."""
     import socket
 
-    import numpy as np
     from moto.server import ThreadedMotoServer
-    from pyarrow import fs
-
-    from indexer.decode import DecodeConfig, Decoded, DecodeFailure, decode_file
-    from indexer.ray_engine import decode_batch
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -154,25 +149,43 @@ def test_decode_tasks_read_s3_objects(ray_local, ray_library, encoder, tmp_path)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
-        s3 = fs.S3FileSystem(
-            access_key="test", secret_key="test", endpoint_override=f"127.0.0.1:{port}", scheme="http",
-            region="us-east-1", allow_bucket_creation=True,
-        )  # fmt: skip
-        s3.create_dir("photos")
-        local = sorted(ray_library.root.rglob("*.jpg"))[:3]
-        for p in local:
-            with s3.open_output_stream(f"photos/{p.name}") as out:
-                out.write(p.read_bytes())
-        query = f"?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-        uris = [f"s3://test:test@photos/{p.name}{query}" for p in local] + [
-            f"s3://test:test@photos/gone.jpg{query}"
-        ]
-        config = DecodeConfig(spec=encoder.spec, thumbnail_size=32, encode_model_input=True)
-        batch = {"i": np.arange(len(uris)), "path": np.array(uris, dtype=object),
-                 "embed": np.ones(len(uris), bool), "caption": np.zeros(len(uris), bool)}  # fmt: skip
-        out = ray_local.get(ray_local.remote(decode_batch).remote(batch, config))
+        yield port
     finally:
         server.stop()
+
+
+def _s3(port: int):
+    from pyarrow import fs
+
+    return fs.S3FileSystem(
+        access_key="test", secret_key="test", endpoint_override=f"127.0.0.1:{port}", scheme="http",
+        region="us-east-1", allow_bucket_creation=True,
+    )  # fmt: skip
+
+
+def test_decode_tasks_read_s3_objects(ray_local, ray_library, encoder, s3_server) -> None:
+    """A decode task reads ``s3://`` through pyarrow (moto's S3 server on 127.0.0.1, started here) and
+    decodes exactly what the local path gives; a missing object is a recorded failure, not a crash."""
+    import numpy as np
+
+    from indexer.decode import DecodeConfig, Decoded, DecodeFailure, decode_file
+    from indexer.ray_engine import decode_batch
+
+    port = s3_server
+    s3 = _s3(port)
+    s3.create_dir("photos")
+    local = sorted(ray_library.root.rglob("*.jpg"))[:3]
+    for p in local:
+        with s3.open_output_stream(f"photos/{p.name}") as out:
+            out.write(p.read_bytes())
+    query = f"?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    uris = [f"s3://test:test@photos/{p.name}{query}" for p in local] + [
+        f"s3://test:test@photos/gone.jpg{query}"
+    ]
+    config = DecodeConfig(spec=encoder.spec, thumbnail_size=32, encode_model_input=True)
+    batch = {"i": np.arange(len(uris)), "path": np.array(uris, dtype=object),
+             "embed": np.ones(len(uris), bool), "caption": np.zeros(len(uris), bool)}  # fmt: skip
+    out = ray_local.get(ray_local.remote(decode_batch).remote(batch, config))
     import pickle
 
     results = [pickle.loads(r) for r in out["result"]]
@@ -182,3 +195,49 @@ def test_decode_tasks_read_s3_objects(ray_local, ray_library, encoder, tmp_path)
         assert got.sha256 == want.sha256 and np.array_equal(got.model_input, want.model_input)
         assert got.thumbnail == want.thumbnail and got.model_input_file == want.model_input_file
     assert isinstance(results[-1], DecodeFailure) and results[-1].reason == "unreadable"
+
+
+def test_an_s3_prefix_indexes_like_the_local_folder(
+    ray_local, ray_library, encoder, tiny_checkpoints, tmp_path, s3_server, monkeypatch
+) -> None:
+    """``index s3://bucket/lib --engine ray``: the scan lists the prefix through pyarrow, the catalog's
+    root is the URI, and the catalog equals the local run's over the same files; a re-run is a no-op."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from blip2_embed.errors import ConfigurationError
+    from catalog import repository as repo
+    from catalog.db import make_engine
+    from catalog.models import LibraryRoot
+    from catalog.paths import as_uri
+
+    port = s3_server
+    s3 = _s3(port)
+    s3.create_dir("shelf")
+    for p in sorted(ray_library.root.rglob("*")):
+        if p.is_file():
+            with s3.open_output_stream(f"shelf/lib/{p.relative_to(ray_library.root).as_posix()}") as out:
+                out.write(p.read_bytes())
+    # pyarrow's usual sources: the driver's scan reads them, the decode tasks get them (runtime_env).
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    root = as_uri("s3://shelf/lib")
+    summary, state = index_into(tmp_path / "s3", root, encoder, ray_engine(tiny_checkpoints))
+    ref = ray_library.state
+    assert summary.roots == ["s3://shelf/lib"]
+    assert summary.embedded == summary.captioned == RAY_IMAGES and summary.failed == 1
+    assert (state.files, state.embedded, state.captions) == (ref.files, ref.embedded, ref.captions)
+    assert state.live == state.index == set(ref.embedded)
+    sql = make_engine(f"sqlite:///{tmp_path / 's3' / 'catalog.db'}")
+    with Session(sql) as session:
+        assert list(repo.list_roots(session).values()) == [root]
+        assert session.scalars(select(LibraryRoot.path)).all() == ["s3://shelf/lib"]  # the URI, as given
+    sql.dispose()
+
+    again, state2 = index_into(tmp_path / "s3", root, encoder, ray_engine(tiny_checkpoints))
+    assert (again.new, again.changed, again.deleted, again.embedded) == (0, 0, 0, 0)
+    assert state2 == state
+    with pytest.raises(ConfigurationError, match="--engine ray"):  # the local engine opens local files only
+        index_into(tmp_path / "local", root, encoder)

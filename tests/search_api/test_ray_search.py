@@ -51,6 +51,14 @@ def _answers(client: TestClient, ids: list[int]) -> list[object]:
     return out
 
 
+def _refused(client: TestClient, image_id: int) -> tuple[int, object]:
+    """A request the model replica refuses (prompt + tokens beyond the caption model's positions)."""
+    resp = client.post(
+        "/api/caption", json={"image_id": image_id, "prompt": "a " * 400, "max_new_tokens": 200}
+    )
+    return resp.status_code, resp.json()
+
+
 def test_sharded_answers_equal_the_single_process_servers(
     ray_local, ray_library, search_settings, encoder
 ) -> None:
@@ -61,10 +69,17 @@ def test_sharded_answers_equal_the_single_process_servers(
         ids = [h["image_id"] for h in hits]
         assert len(ids) == len(ray_library.state.embedded)
         reference = _answers(single, ids)
+        refused = _refused(single, ids[0])
+    assert 400 <= refused[0] < 500, refused
 
     app = create_sharded_app(search_settings, ShardLayout(shards=3), encoder=encoder)
     with TestClient(app) as sharded:
         assert _answers(sharded, ids) == reference  # ids, order, scores, captions
+        assert _refused(sharded, ids[0]) == refused  # the replica's own error, as the same 4xx
+        from ray import serve
+
+        models = serve.status().applications["blip2-models"]
+        assert models.status == "RUNNING" and "models" in models.deployments
 
         # A shard killed under load: every answer is the whole answer or a clean 503, then whole again.
         watcher = sharded.app.state.blip2.index

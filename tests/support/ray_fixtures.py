@@ -7,6 +7,7 @@ shares the cluster, the library and the local reference catalog.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def ray_local():
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
+    if "ray.serve" in sys.modules:  # the sharded search tests started Serve: stop it before Ray
+        sys.modules["ray.serve"].shutdown()
     ray.shutdown()
 
 
