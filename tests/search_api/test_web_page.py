@@ -68,16 +68,17 @@ def make_library(folder: Path, scratch: Path) -> tuple[dict[str, Path], str]:
     _photo(lib["canon_b"], 101, "JPEG", "2024:12:25 09:30:00", "Canon", "EOS R6")
     _photo(lib["heic"], 102, "HEIF", "2023:07:01 10:00:00", "Apple", "iPhone 13")
     _photo(lib["tiff"], 103, "TIFF")
-    # The same picture re-encoded smaller: other bytes (another image id), nearly the same content.
+    # The same picture saved again at another JPEG quality: other bytes (another image id), nearly the
+    # same content. (These pictures are 40 x 30 px, so resizing them would change much of the content.)
     with Image.open(lib["original"]) as im:
-        im.resize((im.width - 4, im.height - 2)).save(lib["near_dup"], "JPEG", quality=70)
+        im.save(lib["near_dup"], "JPEG", quality=90)
     return lib, scenes[0].captions[0]
 
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory: pytest.TempPathFactory):
     """The library indexed with the shipped demo model (5 MB): unlike random tiny weights it tells the
-    near-duplicate pair (similarity 0.9956) from the other pairs (at most 0.9637) of these pictures."""
+    near-duplicate pair (similarity 0.9955) from the other pairs (at most 0.9708) of these pictures."""
     from blip2_embed.encoder import Blip2Encoder
 
     if not (DEMO / "retrieval" / "config.json").is_file():
@@ -91,7 +92,7 @@ def library(tmp_path_factory: pytest.TempPathFactory):
         device="cpu",
         caption_max_new_tokens=6,
         page_size=PAGE_SIZE,
-        duplicate_similarity=0.994,
+        duplicate_similarity=0.99,
     )
     encoder = Blip2Encoder.from_pretrained(retrieval=settings.retrieval_model, caption=None, device="cpu")
     index_folder(settings, encoder, base / "photos")
@@ -246,7 +247,7 @@ def test_display_images_and_duplicate_groups(server, ids) -> None:
 
     every = [h["image_id"] for h in api(server, "/api/search", q="x", k=100, rerank=0)["hits"]]
     groups = httpx.post(server.url + "/api/duplicates", json={"image_ids": every}).json()
-    assert groups["threshold"] == 0.994
+    assert groups["threshold"] == 0.99
     pair = {ids["original"], ids["near_dup"]}
     assert [set(g) for g in groups["groups"]] == [pair]
     assert groups["groups"][0][0] == min(pair, key=every.index)  # the better-ranked hit leads
@@ -471,12 +472,14 @@ def test_image_queries_chip_drop_and_paste(page, server, ids) -> None:
     cut = api(server, "/api/config")["weak_similarity"]
     page.fill("#rerank", "0")
     search(page, "blue sky")
-    page.locator(f"#results li.hit[data-image-id='{ids['original']}'] .similar").click()
+    wait_results(page)
+    liked = shown_ids(page)[0]  # whichever photo the model puts first: "more like this" on it
+    page.locator(f"#results li.hit[data-image-id='{liked}'] .similar").click()
     page.wait_for_function("() => document.querySelector('#chip-image').naturalWidth > 0")
     assert page.inner_text("#chip-label") == "Like this photo" and page.is_hidden("#q")
-    assert url_params(page).items() >= {"mode": "similar", "id": str(ids["original"])}.items()
+    assert url_params(page).items() >= {"mode": "similar", "id": str(liked)}.items()
     wait_results(page)
-    assert_shows(page, api(server, f"/api/search/similar/{ids['original']}", k=100)["hits"], cut)
+    assert_shows(page, api(server, f"/api/search/similar/{liked}", k=100)["hits"], cut)
 
     for seed, kind in [(3, "drop"), (4, "paste")]:
         image = jpeg_bytes(seed, (48, 36))
@@ -497,7 +500,7 @@ def test_image_queries_chip_drop_and_paste(page, server, ids) -> None:
     page.go_back()
     page.go_back()
     page.wait_for_function("() => document.querySelector('#chip-label').textContent === 'Like this photo'")
-    assert url_params(page)["id"] == str(ids["original"])
+    assert url_params(page)["id"] == str(liked)
     page.click("#chip-clear")
     assert page.is_hidden("#query-chip") and page.is_visible("#q") and "mode" not in url_params(page)
 
