@@ -348,20 +348,10 @@ class Indexer:
                     if nxt is None:
                         break
                     item, result = nxt
-                    if isinstance(result, DecodeFailure):
-                        for f in item.files:
-                            failures.append(Failure(f, result.reason, result.message, result.sha256))
-                            summary.failures.append(FailedFile.of(failures[-1]))
-                        summary.failed = len(summary.failures)
-                        self.progress.advance(1, summary)
+                    decoded = self._usable(item, result, failures, summary)
+                    if decoded is None:
                         continue
-                    if result.sha256 != item.sha256:
-                        # Rewritten between hashing and decoding: leave it pending; the next run sees the
-                        # new size/mtime and starts over for this file.
-                        log.warning("%s changed while being indexed; it will be indexed next run", item.path)
-                        self.progress.advance(1, summary)
-                        continue
-                    batch.append((item, result))
+                    batch.append((item, decoded))
                     if len(batch) >= opts.batch_size:
                         flush()
                         if self.stop.is_set():
@@ -373,6 +363,26 @@ class Indexer:
         finally:
             writer.close()
             self.progress.stop()
+
+    def _usable(
+        self, item: WorkItem, result: Decoded | DecodeFailure, failures: list[Failure], summary: RunSummary
+    ) -> Decoded | None:
+        """``result`` when it can be embedded; else it is counted (a failure of each of the item's files,
+        or a file rewritten since it was hashed) and None comes back."""
+        if isinstance(result, DecodeFailure):
+            for f in item.files:
+                failures.append(Failure(f, result.reason, result.message, result.sha256))
+                summary.failures.append(FailedFile.of(failures[-1]))
+            summary.failed = len(summary.failures)
+            self.progress.advance(1, summary)
+            return None
+        if result.sha256 != item.sha256:
+            # Rewritten between hashing and decoding: leave it pending; the next run sees the new
+            # size/mtime and starts over for this file.
+            log.warning("%s changed while being indexed; it will be indexed next run", item.path)
+            self.progress.advance(1, summary)
+            return None
+        return result
 
     def commit_stream(
         self,
@@ -412,19 +422,11 @@ class Indexer:
                 self.timings.decode_wait += time.perf_counter() - t0
                 if row is None:
                     break
-                item, result = row.item, row.result
-                if isinstance(result, DecodeFailure):
-                    for f in item.files:
-                        failures.append(Failure(f, result.reason, result.message, result.sha256))
-                        summary.failures.append(FailedFile.of(failures[-1]))
-                    summary.failed = len(summary.failures)
-                    self.progress.advance(1, summary)
+                item = row.item
+                decoded = self._usable(item, row.result, failures, summary)
+                if decoded is None:
                     continue
-                if result.sha256 != item.sha256:
-                    log.warning("%s changed while being indexed; it will be indexed next run", item.path)
-                    self.progress.advance(1, summary)
-                    continue
-                batch.append((item, result))
+                batch.append((item, decoded))
                 outs.append((row.embedding, row.caption))
                 if len(batch) >= self.options.batch_size:
                     flush()
