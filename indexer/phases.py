@@ -354,15 +354,21 @@ class Indexer:
                     batch.append((item, decoded))
                     if len(batch) >= opts.batch_size:
                         flush()
-                        if self.stop.is_set():
-                            summary.interrupted = True
-                            log.warning("interrupted: stopping after the committed batches")
+                        if self._stopped(summary):
                             break
                 if (batch or failures) and not summary.interrupted:
                     flush()
         finally:
             writer.close()
             self.progress.stop()
+
+    def _stopped(self, summary: RunSummary) -> bool:
+        """After a committed batch: has a stop been asked for? (Then the run ends, marked interrupted.)"""
+        if not self.stop.is_set():
+            return False
+        summary.interrupted = True
+        log.warning("interrupted: stopping after the committed batches")
+        return True
 
     def _usable(
         self, item: WorkItem, result: Decoded | DecodeFailure, failures: list[Failure], summary: RunSummary
@@ -430,9 +436,7 @@ class Indexer:
                 outs.append((row.embedding, row.caption))
                 if len(batch) >= self.options.batch_size:
                     flush()
-                    if self.stop.is_set():
-                        summary.interrupted = True
-                        log.warning("interrupted: stopping after the committed batches")
+                    if self._stopped(summary):
                         break
             if (batch or failures) and not summary.interrupted:
                 flush()
