@@ -331,11 +331,7 @@ class Indexer:
             nonlocal batch, failures, number
             number += 1
             out = self._model(batch)
-            self.progress.stage("embedded", number)
-            writer.put(_Batch(number, batch, out.embeddings, out.captions, failures))
-            summary.embedded += sum(1 for e in out.embeddings if e is not None)
-            summary.captioned += sum(1 for c in out.captions if c is not None)
-            self.progress.advance(len(batch), summary)
+            self._hand_over(writer, _Batch(number, batch, out.embeddings, out.captions, failures), summary)
             batch, failures = [], []
 
         try:
@@ -361,6 +357,14 @@ class Indexer:
         finally:
             writer.close()
             self.progress.stop()
+
+    def _hand_over(self, writer: WriterThread[_Batch], batch: _Batch, summary: RunSummary) -> None:
+        """A model batch is done: to the writer thread (which commits it), and counted."""
+        self.progress.stage("embedded", batch.number)
+        writer.put(batch)
+        summary.embedded += sum(1 for e in batch.embeddings if e is not None)
+        summary.captioned += sum(1 for c in batch.captions if c is not None)
+        self.progress.advance(len(batch.items), summary)
 
     def _stopped(self, summary: RunSummary) -> bool:
         """After a committed batch: has a stop been asked for? (Then the run ends, marked interrupted.)"""
@@ -412,13 +416,9 @@ class Indexer:
         def flush() -> None:
             nonlocal batch, outs, failures, number
             number += 1
-            self.progress.stage("embedded", number)
             embeddings = [e for e, _ in outs]
             captions = [c for _, c in outs]
-            writer.put(_Batch(number, batch, embeddings, captions, failures))
-            summary.embedded += sum(1 for e in embeddings if e is not None)
-            summary.captioned += sum(1 for c in captions if c is not None)
-            self.progress.advance(len(batch), summary)
+            self._hand_over(writer, _Batch(number, batch, embeddings, captions, failures), summary)
             batch, outs, failures = [], [], []
 
         try:
