@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
@@ -48,6 +48,8 @@ if TYPE_CHECKING:
     from blip2_search.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 def default_workers() -> int:
@@ -337,13 +339,7 @@ class Indexer:
         try:
             with DecodePool[WorkItem](config, workers) as pool:
                 results = pool.imap(work, lambda w: str(w.path))
-                while True:
-                    t0 = time.perf_counter()
-                    nxt = next(results, None)
-                    self.timings.decode_wait += time.perf_counter() - t0
-                    if nxt is None:
-                        break
-                    item, result = nxt
+                for item, result in self._waited(results):
                     decoded = self._usable(item, result, failures, summary)
                     if decoded is None:
                         continue
@@ -357,6 +353,16 @@ class Indexer:
         finally:
             writer.close()
             self.progress.stop()
+
+    def _waited(self, results: Iterator[_T]) -> Iterator[_T]:
+        """``results`` as they come, the time spent waiting for each counted as decode wait."""
+        while True:
+            t0 = time.perf_counter()
+            nxt = next(results, None)
+            self.timings.decode_wait += time.perf_counter() - t0
+            if nxt is None:
+                return
+            yield nxt
 
     def _hand_over(self, writer: WriterThread[_Batch], batch: _Batch, summary: RunSummary) -> None:
         """A model batch is done: to the writer thread (which commits it), and counted."""
@@ -422,12 +428,7 @@ class Indexer:
             batch, outs, failures = [], [], []
 
         try:
-            while True:
-                t0 = time.perf_counter()
-                row = next(rows, None)
-                self.timings.decode_wait += time.perf_counter() - t0
-                if row is None:
-                    break
+            for row in self._waited(rows):
                 item = row.item
                 decoded = self._usable(item, row.result, failures, summary)
                 if decoded is None:
