@@ -359,8 +359,10 @@ def test_filters_url_reload_and_back(page, server, ids) -> None:
         if not set(url_params(page)) & {"folder", "from", "sort"}:
             break
         page.go_back()
+        wait_results(page)  # each step's search has run before the next step reads the URL
     assert "camera" not in url_params(page)  # the camera filter cleared
     page.go_back()
+    wait_results(page)
     wait_count(page, 2)
     assert url_params(page)["camera"] == "Canon EOS R6" and page.input_value("#camera") == "Canon EOS R6"
     page.go_back()
