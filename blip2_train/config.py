@@ -26,6 +26,12 @@ class TrainConfig:
     # (it already extracts what captions name); the text-only branch keeps its own weights.
     queries_from_caption: str | None = None
     train_lm: bool | None = None  # None: train it when built from scratch, freeze it when loaded
+    # Stage 1: train the ViT blocks too. None: only a from-scratch ViT that had no stage 0. A retrieval
+    # ViT trained here no longer equals the caption model's, so the pair shares it again only after
+    # stage 2 runs on it (``vision_from``).
+    train_vision: bool | None = None
+    # Stage 2 from checkpoints: first copy this retrieval checkpoint's ViT into the caption model.
+    vision_from: str | None = None
     # Optimisation (BLIP-2: AdamW 0.9/0.98, weight decay 0.05, linear warm-up, cosine decay).
     # The defaults are the demo model's (docs/training.md).
     steps0: int = 1500  # ViT pre-training; from scratch only
@@ -44,6 +50,11 @@ class TrainConfig:
     # Share of stage-0/1 texts drawn from an image's queries (partial descriptions such as "the red
     # circle") instead of its captions; such a text is a positive of every batch image it describes.
     query_ratio: float = 0.0
+    # Stage 1: contrast each image with one of its hard-negative texts (a JSONL line's "negatives")
+    # in ITC (image -> text) and ITM.
+    text_negatives: bool = False
+    # Stage 1: share of each batch made of look-alikes of its other images (a JSONL line's "near").
+    near_ratio: float = 0.0
     seed: int = 0
     # Machinery.
     device: str | None = None

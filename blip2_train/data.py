@@ -45,6 +45,12 @@ class CaptionedImage:
     # Partial descriptions (search-style queries, a JSONL line's "queries"): retrieval training mixes
     # them into its texts; captioning never trains on them.
     queries: tuple[str, ...] = ()
+    # Hard negatives (a JSONL line's "negatives"): texts that nearly describe this image but not quite
+    # (one attribute changed); retrieval training may contrast the image with them.
+    negatives: tuple[str, ...] = ()
+    # Look-alikes (a JSONL line's "near"): other images of the dataset that nearly match this one's
+    # texts; hard-negative batches put them beside it.
+    near: tuple[Path, ...] = ()
 
     def texts(self) -> frozenset[str]:
         """Every text that describes this image: a text of the batch is a positive when it is one."""
@@ -116,6 +122,16 @@ def _from_folder(folder: Path) -> list[CaptionedImage]:
     return out
 
 
+def _texts_by_image(objs: list[dict[str, Any]], key: str, root: Path) -> dict[Path, tuple[str, ...]]:
+    """A JSONL key's string lists ("queries", "negatives", "near") per image path, repeats dropped."""
+    out: dict[Path, list[str]] = {}
+    for o in objs:
+        if o.get(key):
+            rel = Path(_image_key(o))
+            out.setdefault(rel if rel.is_absolute() else root / rel, []).extend(o[key])
+    return {path: tuple(dict.fromkeys(texts)) for path, texts in out.items()}
+
+
 def load_captions(
     source: str | Path, image_root: str | Path | None = None, split: str | None = None
 ) -> list[CaptionedImage]:
@@ -135,13 +151,21 @@ def load_captions(
     if source.suffix == ".jsonl":
         objs = [json.loads(line) for line in text.splitlines() if line.strip()]
         items = _merge([(_image_key(o), _caption_list(o), o.get("split", "train")) for o in objs], root)
-        queries: dict[Path, list[str]] = {}
-        for o in objs:
-            if o.get("queries"):
-                rel = Path(_image_key(o))
-                queries.setdefault(rel if rel.is_absolute() else root / rel, []).extend(o["queries"])
-        if queries:
-            items = [replace(i, queries=tuple(dict.fromkeys(queries.get(i.image, ())))) for i in items]
+        queries, negatives = _texts_by_image(objs, "queries", root), _texts_by_image(objs, "negatives", root)
+        near = {
+            path: tuple(p if p.is_absolute() else root / p for p in map(Path, rels))
+            for path, rels in _texts_by_image(objs, "near", root).items()
+        }
+        if queries or negatives or near:
+            items = [
+                replace(
+                    i,
+                    queries=queries.get(i.image, ()),
+                    negatives=negatives.get(i.image, ()),
+                    near=near.get(i.image, ()),
+                )
+                for i in items
+            ]
     else:
         items = _from_json(json.loads(text), root)
     if split is not None:
@@ -228,13 +252,29 @@ class CaptionDataset:
                 out.append(rng.choice(item.captions))
         return out
 
+    def sample_negatives(self, indices: Sequence[int], rng: random.Random) -> list[str] | None:
+        """One hard negative per image (``CaptionedImage.negatives``), or None when an image has none."""
+        if not all(self.items[i].negatives for i in indices):
+            return None
+        return [rng.choice(self.items[i].negatives) for i in indices]
+
+    def near_indices(self) -> list[list[int]]:
+        """Per image, the dataset indices of its look-alikes (``CaptionedImage.near``) that are here."""
+        index = {item.image: i for i, item in enumerate(self.items)}
+        return [[index[p] for p in item.near if p in index] for item in self.items]
+
+    def described(self, indices: Sequence[int], texts: Sequence[str]) -> torch.Tensor:
+        """(B, T) bool: ``texts[j]`` is one of the texts of image ``indices[i]``."""
+        sets = [self.items[i].texts() for i in indices]
+        return torch.tensor([[t in s for t in texts] for s in sets], dtype=torch.bool).reshape(
+            len(indices), len(texts)
+        )
+
     def positives(self, indices: Sequence[int], texts: Sequence[str]) -> torch.Tensor:
         """(B, B) bool: image ``indices[i]`` matches ``texts[j]`` -- its own text, the same image
         repeated, or another image that the text also describes ("a red circle" for every red circle)."""
-        sets = [self.items[i].texts() for i in indices]
         same = torch.as_tensor(indices)[:, None] == torch.as_tensor(indices)[None, :]
-        described = torch.tensor([[t in s for t in texts] for s in sets], dtype=torch.bool)
-        return same | described
+        return same | self.described(indices, texts)
 
 
 class BatchSampler:
@@ -242,13 +282,27 @@ class BatchSampler:
 
     Each batch holds distinct images, so in-batch ITC targets are the diagonal. The state is just the
     step number: resuming at step k gives exactly the batches an uninterrupted run would have seen.
+
+    With ``near`` (per image, the indices of its look-alikes) a share ``near_ratio`` of each batch is
+    look-alikes of the batch's other images (hard negatives for ITC in both directions), drawn from
+    (seed, step) too; an epoch then counts only the other images.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        near: Sequence[Sequence[int]] | None = None,
+        near_ratio: float = 0.0,
+    ) -> None:
         if batch_size > n:
             raise ValueError(f"batch size {batch_size} is larger than the dataset ({n} images)")
         self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.per_epoch = n // batch_size
+        self.near = near if near is not None and near_ratio > 0 else None
+        anchors = batch_size - round(batch_size * near_ratio) if self.near is not None else batch_size
+        self.anchors = max(1, anchors)
+        self.per_epoch = n // self.anchors
         self._order: tuple[int, list[int]] | None = None
 
     def batch(self, step: int) -> tuple[list[int], random.Random]:
@@ -259,9 +313,25 @@ class BatchSampler:
             random.Random(f"{self.seed}:epoch:{epoch}").shuffle(order)
             self._order = (epoch, order)
         order = self._order[1]
-        return order[k * self.batch_size : (k + 1) * self.batch_size], random.Random(
-            f"{self.seed}:step:{step}"
-        )
+        indices = order[k * self.anchors : (k + 1) * self.anchors]
+        if self.near is not None:
+            indices = self._with_look_alikes(indices, random.Random(f"{self.seed}:near:{step}"))
+        return indices, random.Random(f"{self.seed}:step:{step}")
+
+    def _with_look_alikes(self, anchors: list[int], rng: random.Random) -> list[int]:
+        """The anchors, then one look-alike per anchor in turn until the batch is full (a random other
+        image where an anchor has none left); every image at most once."""
+        assert self.near is not None
+        batch, seen = list(anchors), set(anchors)
+        turn = 0
+        while len(batch) < self.batch_size:
+            options = [j for j in self.near[anchors[turn % len(anchors)]] if j not in seen]
+            pick = rng.choice(options) if options else rng.randrange(self.n)
+            if pick not in seen:
+                batch.append(pick)
+                seen.add(pick)
+            turn += 1
+        return batch
 
 
 def tokenize(

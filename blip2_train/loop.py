@@ -15,7 +15,7 @@ from blip2_embed.images import ImageSpec
 from blip2_train.checkpoints import save_checkpoint
 from blip2_train.config import TrainConfig
 from blip2_train.data import BatchSampler, CaptionDataset, tokenize, tokenize_lm
-from blip2_train.objectives import Stage0, Stage1
+from blip2_train.objectives import Stage0, Stage1, TextNegatives
 from blip2_train.optimisation import param_groups, resolve_precision, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,14 @@ class Trainer:
                 module.load_training_state(state["extra"])
             start = state["step"]
             log.info("stage %d: resumed at step %d from %s", run.stage, start, resume_from)
-        sampler = BatchSampler(len(dataset), run.batch_size or cfg.batch_size, cfg.seed + run.stage)
+        near_ratio = cfg.near_ratio if run.stage == 1 else 0.0
+        sampler = BatchSampler(
+            len(dataset),
+            run.batch_size or cfg.batch_size,
+            cfg.seed + run.stage,
+            near=dataset.near_indices() if near_ratio else None,
+            near_ratio=near_ratio,
+        )
         params = [p for group in optimizer.param_groups for p in group["params"]]
         metrics: list[dict[str, float]] = []
         stop = run.steps if cfg.max_steps_this_run is None else min(run.steps, start + cfg.max_steps_this_run)
@@ -107,8 +114,21 @@ class Trainer:
             ratio = cfg.query_ratio if run.stage in (0, 1) else 0.0
             texts = dataset.sample_captions(indices, rng, ratio)
             positive = dataset.positives(indices, texts).to(self.device) if ratio else None
+            negative_texts = (
+                dataset.sample_negatives(indices, rng) if cfg.text_negatives and run.stage == 1 else None
+            )
+            negatives = None
             if run.lm_bos is not None:
                 batch = tokenize_lm(run.tokenizer, texts, run.text_len, run.lm_bos)
+            elif negative_texts is not None:
+                # One tokenizer call, so captions and negatives share a padded width.
+                both = tokenize(run.tokenizer, [*texts, *negative_texts], run.text_len)
+                batch = {k: v[: len(texts)] for k, v in both.items()}
+                negatives = TextNegatives(
+                    both["input_ids"][len(texts) :].to(self.device),
+                    both["attention_mask"][len(texts) :].to(self.device),
+                    dataset.described(indices, negative_texts).to(self.device),
+                )
             else:
                 batch = tokenize(run.tokenizer, texts, run.text_len)
             enc = {k: v.to(self.device) for k, v in batch.items()}
@@ -134,6 +154,7 @@ class Trainer:
                         image_ids,
                         generator=gen,
                         positive=positive,
+                        negatives=negatives,
                     )
                     loss = out.loss
                     row = {

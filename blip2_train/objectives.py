@@ -162,6 +162,20 @@ class Stage0(nn.Module):
 
 
 @dataclass
+class TextNegatives:
+    """Hard-negative texts for a stage-1 batch: one per image, row i made for image i, tokenized to
+    the batch's own text width (ITM concatenates them with the batch's texts).
+
+    ``matches`` (B, B) bool marks the pairs where a negative text still describes an image of the batch
+    (another image's text, by exact match); those count as positives, never as negatives.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    matches: torch.Tensor
+
+
+@dataclass
 class Stage1Output:
     loss: torch.Tensor
     itc: torch.Tensor
@@ -278,10 +292,14 @@ class Stage1(nn.Module):
         image_ids: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         positive: torch.Tensor | None = None,
+        negatives: TextNegatives | None = None,
     ) -> Stage1Output:
         """Losses on a batch of B (image, caption) pairs; pairs with equal ``image_ids`` count as matches
         (so a repeated image is never its own negative), or those ``positive`` (B, B) bool marks (a text
-        that describes several images of the batch). ``generator`` drives hard-negative sampling."""
+        that describes several images of the batch). ``generator`` drives hard-negative sampling.
+
+        ``negatives`` adds B hard-negative texts: extra candidates of every image in ITC's image -> text
+        softmax (NegCLIP), and for each image an extra ITM pair with its own negative."""
         b = pixels.shape[0]
         device = pixels.device
         if image_ids is None:
@@ -297,10 +315,16 @@ class Stage1(nn.Module):
         if positive is None:
             positive = image_ids[:, None] == image_ids[None, :]
         positive = positive.to(device)
-        targets = positive.float() / positive.float().sum(dim=1, keepdim=True)
+        i2t_logits, i2t_positive = logits_i2t, positive
+        if negatives is not None:
+            neg_feats = self.text_features(negatives.input_ids, negatives.attention_mask)
+            neg_sim = torch.einsum("iqd,jd->ijq", image_feats.float(), neg_feats.float()).amax(dim=-1)
+            i2t_logits = torch.cat([logits_i2t, neg_sim / self.temperature], dim=1)
+            i2t_positive = torch.cat([positive, negatives.matches.to(device)], dim=1)
+        targets = i2t_positive.float() / i2t_positive.float().sum(dim=1, keepdim=True)
         targets_t = positive.t().float() / positive.t().float().sum(dim=1, keepdim=True)
         itc = (
-            F.cross_entropy(logits_i2t, targets, label_smoothing=self.label_smoothing)
+            F.cross_entropy(i2t_logits, targets, label_smoothing=self.label_smoothing)
             + F.cross_entropy(logits_i2t.t(), targets_t, label_smoothing=self.label_smoothing)
         ) / 2
 
@@ -314,11 +338,17 @@ class Stage1(nn.Module):
             w_t2i[w_t2i.sum(dim=1) == 0] = 1.0
             neg_text = torch.multinomial(w_i2t.cpu(), 1, generator=generator).squeeze(1).to(device)
             neg_image = torch.multinomial(w_t2i.cpu(), 1, generator=generator).squeeze(1).to(device)
-        itm_images = torch.cat([image_embeds, image_embeds, image_embeds[neg_image]])
-        itm_ids = torch.cat([input_ids, input_ids[neg_text], input_ids])
-        itm_mask = torch.cat([attention_mask, attention_mask[neg_text], attention_mask])
-        itm_logits = self.itm_logits(itm_images, itm_ids, itm_mask)
-        itm_labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(device)
+        itm_images = [image_embeds, image_embeds, image_embeds[neg_image]]
+        itm_ids = [input_ids, input_ids[neg_text], input_ids]
+        itm_masks = [attention_mask, attention_mask[neg_text], attention_mask]
+        labels = [torch.ones(b), torch.zeros(2 * b)]
+        if negatives is not None:
+            itm_ids.append(negatives.input_ids)
+            itm_masks.append(negatives.attention_mask)
+            itm_images.append(image_embeds)
+            labels.append(negatives.matches.diagonal().float().cpu())
+        itm_logits = self.itm_logits(torch.cat(itm_images), torch.cat(itm_ids), torch.cat(itm_masks))
+        itm_labels = torch.cat(labels).long().to(device)
         itm = F.cross_entropy(itm_logits.float(), itm_labels)
         itm_accuracy = (itm_logits.argmax(dim=1) == itm_labels).float().mean().item()
 

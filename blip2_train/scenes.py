@@ -18,7 +18,7 @@ import json
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
@@ -137,6 +137,12 @@ class SceneRecord:
     objects: list[dict[str, str]] = field(default_factory=list)
     # Partial descriptions (what people type into a search box); empty unless asked for.
     queries: list[str] = field(default_factory=list)
+    # Captions of scenes that differ from this one in one attribute (hard negatives); empty unless
+    # asked for.
+    negatives: list[str] = field(default_factory=list)
+    # Images of the same dataset whose scene differs from this one in one attribute (look-alikes, for
+    # hard-negative batches); empty unless asked for.
+    near: list[str] = field(default_factory=list)
 
 
 def _object_phrase(obj: SceneObject, rng: random.Random) -> tuple[str, str]:
@@ -145,7 +151,7 @@ def _object_phrase(obj: SceneObject, rng: random.Random) -> tuple[str, str]:
     return f"{size} {obj.colour} {obj.shape}", where
 
 
-def captions_for(scene: Scene, n: int = 5, seed: int | None = None) -> list[str]:
+def captions_for(scene: Scene, n: int = 5, seed: int | str | None = None) -> list[str]:
     """``n`` distinct phrasings of the scene (fewer if the templates run out), deterministic in seed."""
     rng = random.Random(f"captions:{scene.seed if seed is None else seed}")
     out: list[str] = []
@@ -206,6 +212,70 @@ def queries_for(scene: Scene, seed: int | None = None) -> list[str]:
             f"a {size} {what} {where}",
         ]
     return list(dict.fromkeys(out))
+
+
+# Which attribute each hard negative changes: position twice, because where the object is is what a
+# small model learns last (docs/training.md), then one each of the others.
+NEGATIVE_CHANGES: tuple[str, ...] = ("position", "position", "shape", "colour", "size", "background")
+
+
+def _changed(scene: Scene, change: str, rng: random.Random) -> Scene:
+    """The scene with one attribute of one object (or the background) set to another value."""
+    if change == "background":
+        return replace(scene, background=rng.choice([b for b in BACKGROUNDS if b != scene.background]))
+    k = rng.randrange(len(scene.objects))
+    obj = scene.objects[k]
+    taken = {o.position for o in scene.objects}
+    choices = {
+        "position": [p for p in POSITIONS if p not in taken],
+        "shape": [s for s in SHAPES if s != obj.shape],
+        "colour": [c for c in COLOURS if c != obj.colour],
+        "size": [z for z in SIZES if z != obj.size],
+    }[change]
+    new = replace(obj, **{change: rng.choice(choices)})
+    return replace(scene, objects=(*scene.objects[:k], new, *scene.objects[k + 1 :]))
+
+
+def negatives_for(scene: Scene, seed: int | None = None) -> list[str]:
+    """Hard-negative captions: for each of ``NEGATIVE_CHANGES``, a caption of the scene with that one
+    attribute changed ("... in the top left ..." of a scene whose object is at the top right). Such a
+    text matches no image that its own scene's captions match, and differs from them in one phrase,
+    so contrastive training can no longer rank captions while ignoring that attribute (NegCLIP,
+    Yuksekgonul et al., 2023)."""
+    rng = random.Random(f"negatives:{scene.seed if seed is None else seed}")
+    out = []
+    for i, change in enumerate(NEGATIVE_CHANGES):
+        other = _changed(scene, change, rng)
+        out.append(captions_for(other, 1, seed=f"{scene.seed}:{i}")[0])
+    return list(dict.fromkeys(out))
+
+
+def _one_change_keys(scene: Scene) -> Iterator[tuple[object, ...]]:
+    """The keys of every scene that differs from ``scene`` in exactly one attribute."""
+    for background in BACKGROUNDS:
+        if background != scene.background:
+            yield replace(scene, background=background).key()
+    taken = {o.position for o in scene.objects}
+    for k, obj in enumerate(scene.objects):
+        values = {
+            "colour": list(COLOURS),
+            "shape": list(SHAPES),
+            "size": list(SIZES),
+            "position": [p for p in POSITIONS if p not in taken],
+        }
+        for attr, options in values.items():
+            for value in options:
+                if value != getattr(obj, attr):
+                    new = replace(obj, **{attr: value})
+                    yield replace(scene, objects=(*scene.objects[:k], new, *scene.objects[k + 1 :])).key()
+
+
+def look_alikes(scenes: Sequence[Scene]) -> list[list[int]]:
+    """For each scene, the indices of the other scenes in ``scenes`` that differ from it in one attribute."""
+    by_key: dict[tuple[object, ...], list[int]] = {}
+    for i, scene in enumerate(scenes):
+        by_key.setdefault(scene.key(), []).append(i)
+    return [sorted({j for key in _one_change_keys(scene) for j in by_key.get(key, ())}) for scene in scenes]
 
 
 def sample_scene(seed: int, index: int, max_objects: int = 1) -> Scene:
@@ -339,6 +409,7 @@ def generate_dataset(
     image_format: str = "png",
     jitter: float = 0.25,
     queries: bool = False,
+    negatives: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[SceneRecord]:
     """Write ``n`` scenes to ``folder``: ``images/*.png``, ``captions.jsonl`` and ``karpathy.json``.
@@ -348,13 +419,16 @@ def generate_dataset(
     ``filename``, ``split``, ``sentences[*].raw``) with every image in ``split``. Both are read by
     ``blip2_train.data.load_captions``, and the image folder is what the demo indexes. With
     ``queries`` each ``captions.jsonl`` line also has ``"queries"`` (``queries_for``): partial
-    descriptions that retrieval training mixes into its texts (never into caption training).
+    descriptions that retrieval training mixes into its texts (never into caption training); with
+    ``negatives``, ``"negatives"`` (``negatives_for``: captions with one attribute changed) and
+    ``"near"`` (``look_alikes``: the images of this dataset whose scene differs in one attribute).
     ``progress("scenes", done, n)`` hears about every scene written.
     """
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     records: list[SceneRecord] = []
-    for i, scene in enumerate(iter_scenes(seed, n, max_objects=max_objects, unique=unique)):
+    scenes = list(iter_scenes(seed, n, max_objects=max_objects, unique=unique))
+    for i, scene in enumerate(scenes):
         rel = f"images/scene_{seed}_{i:06d}.{image_format}"
         render(scene, image_size, jitter).save(folder / rel)
         records.append(
@@ -364,15 +438,20 @@ def generate_dataset(
                 background=scene.background,
                 objects=[asdict(o) for o in scene.objects],
                 queries=queries_for(scene) if queries else [],
+                negatives=negatives_for(scene) if negatives else [],
             )
         )
         if progress is not None:
             progress("scenes", i + 1, n)
+    if negatives:
+        for rec, near in zip(records, look_alikes(scenes), strict=True):
+            rec.near = [records[j].image for j in near]
     with open(folder / "captions.jsonl", "w") as fh:
         for rec in records:
             row = asdict(rec)
-            if not row["queries"]:
-                del row["queries"]  # the layout of datasets made without queries stays as it was
+            for key in ("queries", "negatives", "near"):
+                if not row[key]:
+                    del row[key]  # the layout of datasets made without them stays as it was
             fh.write(json.dumps(row) + "\n")
     karpathy = {
         "dataset": f"blip2-scenes-seed{seed}",

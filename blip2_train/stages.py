@@ -100,6 +100,16 @@ def _train(cfg: TrainConfig) -> dict[str, list[dict[str, float]]]:
         spec = ImageSpec.from_pretrained(source)
     log.info("%d captioned images, %d px input; decoding into memory", len(items), spec.size)
     dataset = CaptionDataset(items, spec)
+    if cfg.text_negatives and 1 in stages and not all(i.negatives for i in items):
+        raise ValueError(
+            f'--text-negatives needs a "negatives" list for every image in {cfg.data} '
+            "(blip2-search scenes --negatives writes them)"
+        )
+    if cfg.near_ratio and 1 in stages and not any(dataset.near_indices()):
+        raise ValueError(
+            f'--near-ratio needs "near" look-alike lists in {cfg.data} '
+            "(blip2-search scenes --negatives writes them)"
+        )
     results: dict[str, list[dict[str, float]]] = {}
     train_lm = cfg.train_lm if cfg.train_lm is not None else from_scratch
     # Q-Former text length: the scratch shape's, else 32 tokens as BLIP-2's pre-training used.
@@ -146,8 +156,10 @@ def _train(cfg: TrainConfig) -> dict[str, list[dict[str, float]]]:
             queries_from_caption(retrieval, load_caption(cfg.queries_from_caption)[0])
         # BLIP-2 trains the Q-Former against a frozen, pre-trained ViT. A ViT is trained here only when
         # it was built from scratch and had no stage 0; its final LayerNorm always adapts.
-        train_vision = from_scratch and (
-            0 not in stages and latest_checkpoint(cfg.checkpoints, stage=0) is None
+        train_vision = (
+            cfg.train_vision
+            if cfg.train_vision is not None
+            else from_scratch and (0 not in stages and latest_checkpoint(cfg.checkpoints, stage=0) is None)
         )
         if not train_vision:
             freeze(retrieval.vision_model.embeddings)
@@ -178,6 +190,9 @@ def _train(cfg: TrainConfig) -> dict[str, list[dict[str, float]]]:
             if not cfg.init_caption:
                 raise ValueError("stage 2 from checkpoints needs init_caption")
             caption, opt = load_caption(cfg.init_caption)
+            if cfg.vision_from:
+                donor, _ = load_retrieval(cfg.vision_from)
+                caption.vision_model.load_state_dict(donor.vision_model.state_dict())
         freeze(caption.vision_model.embeddings)
         freeze(caption.vision_model.encoder)
         if not train_lm:

@@ -34,6 +34,10 @@ def scenes(
     queries: Annotated[
         bool, typer.Option("--queries", help='Also write partial descriptions ("the red circle").')
     ] = False,
+    negatives: Annotated[
+        bool,
+        typer.Option("--negatives", help="Also write hard negatives: captions with one attribute changed."),
+    ] = False,
 ) -> None:
     """Generate a synthetic dataset: coloured shapes on backgrounds, with captions."""
     from blip2_train.progress import console_progress
@@ -49,6 +53,7 @@ def scenes(
             captions_per_image=captions,
             split=split,
             queries=queries,
+            negatives=negatives,
             progress=progress,
         )
     typer.echo(f"wrote {len(records)} scenes to {folder}")
@@ -81,6 +86,17 @@ def train(
         str | None,
         typer.Option(help="Stage 1: start the Q-Former's query path from this caption checkpoint's."),
     ] = None,
+    train_vision: Annotated[
+        bool | None,
+        typer.Option(
+            "--train-vision/--freeze-vision",
+            help="Stage 1: train the ViT blocks (default: only a new ViT without stage 0).",
+        ),
+    ] = None,
+    vision_from: Annotated[
+        str | None,
+        typer.Option(help="Stage 2: put this retrieval checkpoint's ViT into the caption model first."),
+    ] = None,
     train_lm: Annotated[
         bool | None,
         typer.Option("--train-lm/--freeze-lm", help="Default: train a new LM, freeze a loaded one."),
@@ -99,6 +115,21 @@ def train(
     query_ratio: Annotated[
         float,
         typer.Option(min=0.0, max=1.0, help="Share of stage-0/1 texts taken from the images' queries."),
+    ] = 0.0,
+    text_negatives: Annotated[
+        bool,
+        typer.Option(
+            "--text-negatives",
+            help='Stage 1: contrast each image with its hard-negative texts (a JSONL line\'s "negatives").',
+        ),
+    ] = False,
+    near_ratio: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=0.9,
+            help='Stage 1: share of each batch made of look-alikes of the others (a JSONL line\'s "near").',
+        ),
     ] = 0.0,
     weight_decay: Annotated[float, typer.Option(min=0)] = 0.05,
     seed: Annotated[int, typer.Option()] = 0,
@@ -138,6 +169,8 @@ def train(
         init_caption=init_caption,
         queries_from_caption=queries_from_caption,
         train_lm=train_lm,
+        train_vision=train_vision,
+        vision_from=vision_from,
         steps0=steps0,
         steps1=steps1,
         steps2=steps2,
@@ -148,6 +181,8 @@ def train(
         lr2=lr2,
         warmup=warmup,
         query_ratio=query_ratio,
+        text_negatives=text_negatives,
+        near_ratio=near_ratio,
         weight_decay=weight_decay,
         seed=seed,
         device=device,

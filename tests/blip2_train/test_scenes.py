@@ -16,6 +16,7 @@ from blip2_train.scenes import (
     COLOURS,
     SHAPES,
     VOCABULARY,
+    SceneRecord,
     captions_for,
     colour_and_shape_named,
     generate_dataset,
@@ -121,3 +122,77 @@ def test_queries_are_partial_descriptions_shared_by_every_image_they_describe(tm
             assert bool(positive[i, j]) == (i == j or texts[j] in items[i].texts())
     assert positive.sum() > 40  # some texts describe several images of the batch
     assert dataset.sample_captions([0], random.Random(0))[0] in items[0].captions  # default: captions
+
+
+def _attributes(text: str) -> set[str]:
+    """The attribute words of a single-object caption (colour, shape, background, size, position)."""
+    from blip2_train.scenes import BACKGROUNDS, POSITION_PHRASES, SIZE_WORDS
+
+    found = {w for w in text.split() if w in COLOURS or w in SHAPES or w in BACKGROUNDS}
+    found |= {size for size, words in SIZE_WORDS.items() for w in words if f" {w} " in f" {text} "}
+    # The longest phrase wins: "at the top" is inside "at the top left".
+    where = max((p for phrases in POSITION_PHRASES.values() for p in phrases if p in text), key=len)
+    found |= {pos for pos, phrases in POSITION_PHRASES.items() if where in phrases}
+    return found
+
+
+def test_negatives_are_captions_with_one_attribute_changed(tmp_path: Path) -> None:
+    records = generate_dataset(tmp_path, 30, seed=8, image_size=32, captions_per_image=3, negatives=True)
+    changed: dict[str, int] = {}
+    for rec in records:
+        obj = rec.objects[0]
+        truth = {obj["colour"], obj["shape"], obj["size"], obj["position"], rec.background}
+        assert len(rec.negatives) >= 4
+        for neg in rec.negatives:
+            assert neg not in rec.captions and set(neg.split()) <= set(VOCABULARY)
+            words = _attributes(neg)
+            lost = truth - words
+            assert len(lost) == 1, (neg, truth)
+            kind = next(k for k, v in obj.items() if v in lost) if lost - {rec.background} else "background"
+            changed[kind] = changed.get(kind, 0) + 1
+    assert set(changed) == {"colour", "shape", "size", "position", "background"}
+    assert changed["position"] > changed["shape"]  # positions twice: what the model learns last
+    items = load_captions(tmp_path)
+    assert [list(i.negatives) for i in items] == [r.negatives for r in records]
+    generate_dataset(tmp_path / "plain", 2, seed=8, image_size=32)
+    assert "negatives" not in (tmp_path / "plain" / "captions.jsonl").read_text()  # layout unchanged
+    dataset = CaptionDataset(items, ImageSpec(size=32))
+    negs = dataset.sample_negatives(range(30), random.Random(0))
+    assert negs is not None and all(n in items[i].negatives for i, n in enumerate(negs))
+    # A negative that is another image's own text counts as describing that image.
+    texts = [*negs[:-1], items[0].captions[0]]
+    described = dataset.described(list(range(30)), texts)
+    assert described.shape == (30, 30) and bool(described[0, 29]) and described.sum() == 1
+    assert (
+        CaptionDataset(load_captions(tmp_path / "plain"), ImageSpec(size=32)).sample_negatives(
+            [0], random.Random(0)
+        )
+        is None
+    )
+
+
+def test_look_alike_batches_pair_scenes_that_differ_in_one_attribute(tmp_path: Path) -> None:
+    records = generate_dataset(tmp_path, 400, seed=8, image_size=16, captions_per_image=1, negatives=True)
+    by_image = {r.image: r for r in records}
+
+    def attributes(r: SceneRecord) -> set[tuple[str, str]]:
+        return {*r.objects[0].items(), ("background", r.background)}
+
+    assert sum(len(r.near) for r in records) > 400  # most scenes have look-alikes among 400
+    for rec in records:
+        for other in rec.near:
+            assert len(attributes(rec) - attributes(by_image[other])) == 1
+    dataset = CaptionDataset(load_captions(tmp_path), ImageSpec(size=16))
+    near = dataset.near_indices()
+    sampler = BatchSampler(len(dataset), 16, seed=3, near=near, near_ratio=0.5)
+    again = BatchSampler(len(dataset), 16, seed=3, near=near, near_ratio=0.5)
+    for step in (0, 7, 30):
+        batch, _ = sampler.batch(step)
+        assert batch == again.batch(step)[0]  # a function of (seed, step): resume sees the same
+        assert len(batch) == 16 == len(set(batch))
+        anchors, added = batch[:8], batch[8:]
+        paired = sum(any(j in near[a] for a in anchors) for j in added)
+        assert paired >= 6, (anchors, added)  # the other half: look-alikes of the first
+    assert sampler.per_epoch == 400 // 8
+    plain = BatchSampler(len(dataset), 16, seed=3)
+    assert len(plain.batch(0)[0]) == 16 and plain.per_epoch == 400 // 16

@@ -255,3 +255,79 @@ def test_train_puts_the_process_torch_state_back(tiny_data: Path, tmp_path: Path
     train(_config(tiny_data, tmp_path, stage="1", steps1=1, num_threads=1))
     assert torch.get_num_threads() == threads
     assert np.float64(5e-324) * np.float64(1.0) != 0.0  # subnormals are still representable
+
+
+def test_stage1_learns_from_hard_negative_texts(tmp_path: Path) -> None:
+    data = tmp_path / "scenes"
+    generate_dataset(data, 8, seed=11, image_size=32, captions_per_image=1, negatives=True)
+    results = train(_config(data, tmp_path / "out", stage="0,1", steps1=12, text_negatives=True))
+    s1 = results["stage1"]
+    assert all(np.isfinite(v) for row in s1 for v in row.values())
+    assert s1[-1]["loss"] < s1[0]["loss"]
+    assert Blip2Encoder.from_pretrained(
+        retrieval=str(tmp_path / "out" / "retrieval"), caption=None, device="cpu"
+    ).embed_texts(["a red circle"]).shape == (1, TINY.embed_dim)
+
+
+def test_hard_negatives_change_the_stage1_losses(tiny_checkpoints) -> None:
+    from transformers import AutoTokenizer, Blip2ForImageTextRetrieval
+
+    from blip2_train.objectives import Stage1, TextNegatives
+
+    model = Blip2ForImageTextRetrieval.from_pretrained(tiny_checkpoints.retrieval)
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoints.retrieval)
+    stage = Stage1(model, dec_token_id=tok.cls_token_id, train_vision=False)
+    pixels = torch.randn(3, 3, 32, 32)
+    both = tokenize(tok, ["a red circle", "a blue square", "a green star"] + ["a red square"] * 3, 16)
+    texts = {k: v[:3] for k, v in both.items()}
+
+    def losses(matches: torch.Tensor | None) -> tuple[float, float]:
+        negatives = None
+        if matches is not None:
+            negatives = TextNegatives(both["input_ids"][3:], both["attention_mask"][3:], matches)
+        gen = torch.Generator().manual_seed(0)
+        out = stage(pixels, texts["input_ids"], texts["attention_mask"], generator=gen, negatives=negatives)
+        return out.itc.item(), out.itm.item()
+
+    plain = losses(None)
+    unmatched = losses(torch.zeros(3, 3, dtype=torch.bool))
+    matched = losses(torch.eye(3, dtype=torch.bool))
+    # The negatives join ITC's image -> text softmax and ITM's pairs; a negative that in fact describes
+    # its image is a positive in both.
+    assert unmatched[0] != plain[0] and unmatched[1] != plain[1]
+    assert matched[0] != unmatched[0] and matched[1] != unmatched[1]
+
+
+def test_text_negatives_without_negatives_in_the_data_say_how_to_make_them(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="scenes --negatives"):
+        train(_config(tiny_data, tmp_path, stage="1", text_negatives=True))
+
+
+def test_a_vit_trained_in_stage1_is_shared_again_after_stage2_on_it(tiny_data: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    train(_config(tiny_data, base))
+    tuned = tmp_path / "tuned"
+    train(
+        _config(
+            tiny_data, tuned, stage="1", init_retrieval=str(base / "retrieval"), train_vision=True, steps1=3
+        )
+    )
+
+    def pair(retrieval: Path, caption: Path) -> Blip2Encoder:
+        return Blip2Encoder.from_pretrained(retrieval=str(retrieval), caption=str(caption), device="cpu")
+
+    assert pair(base / "retrieval", base / "caption").shared_vit
+    assert not pair(tuned / "retrieval", base / "caption").shared_vit  # the blocks trained
+    train(
+        _config(
+            tiny_data,
+            tuned,
+            stage="2",
+            init_caption=str(base / "caption"),
+            vision_from=str(tuned / "retrieval"),
+            steps2=2,
+        )
+    )
+    assert pair(tuned / "retrieval", tuned / "caption").shared_vit
