@@ -36,7 +36,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from blip2_embed.encoder import Blip2Encoder
     from blip2_train.data import load_captions
-    from blip2_train.evaluate import caption_accuracy, evaluate_retrieval, short_query_accuracy
+    from blip2_train.evaluate import blind_recall, caption_accuracy, evaluate_retrieval, short_query_accuracy
     from blip2_train.scenes import generate_dataset, read_records
 
     caption = None if args.no_captions or args.short_only else str(args.model / "caption")
@@ -61,6 +61,8 @@ def main() -> None:
             "short_itc": short.itc,
             "short_itm": short.itm,
             "short_colour_itc": short.colour_itc,
+            # What a model that reads everything but the position would reach.
+            "position_blind_t2i": blind_recall(records),
             "itc_t2i": None if report is None else report.itc_t2i.r1,
             "itm_t2i": None if report is None else report.itm_t2i.r1,
             "itc_i2t": None if report is None else report.itc_i2t.r1,

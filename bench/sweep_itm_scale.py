@@ -52,7 +52,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from blip2_embed.encoder import Blip2Encoder, VisionFeatures, max_sim
     from blip2_train.data import load_captions
-    from blip2_train.evaluate import SHORT_TEMPLATES, pixels_of
+    from blip2_train.evaluate import SHORT_TEMPLATES, blind_recall, pixels_of
     from blip2_train.scenes import generate_dataset, read_records
 
     retrieval = args.model / "retrieval" if (args.model / "retrieval").is_dir() else args.model
@@ -101,6 +101,7 @@ def main() -> None:
 
         row: dict[str, object] = {
             "seed": seed,
+            "position_blind_t2i": round(blind_recall(records), 4),
             "itc_t2i": _top1(t2i_top, t2i_ok),
             "itc_i2t": _top1(i2t_top, i2t_ok),
             "short_itc": float(np.mean([s_top[i, 0] in s_ok[i] for i in range(len(short))])),

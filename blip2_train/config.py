@@ -53,7 +53,7 @@ class TrainConfig:
     # Stage 1: contrast each image with one of its hard-negative texts (a JSONL line's "negatives")
     # in ITC (image -> text) and ITM.
     text_negatives: bool = False
-    # Stage 1: share of each batch made of look-alikes of its other images (a JSONL line's "near").
+    # Stages 0 and 1: share of each batch made of look-alikes of its other images (a JSONL line's "near").
     near_ratio: float = 0.0
     seed: int = 0
     # Machinery.

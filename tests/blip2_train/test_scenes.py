@@ -196,3 +196,17 @@ def test_look_alike_batches_pair_scenes_that_differ_in_one_attribute(tmp_path: P
     assert sampler.per_epoch == 400 // 8
     plain = BatchSampler(len(dataset), 16, seed=3)
     assert len(plain.batch(0)[0]) == 16 and plain.per_epoch == 400 // 16
+
+
+def test_blind_recall_is_the_ceiling_of_a_model_blind_to_one_attribute() -> None:
+    from blip2_train.evaluate import blind_recall
+
+    def rec(position: str, colour: str = "red") -> SceneRecord:
+        obj = {"colour": colour, "shape": "circle", "size": "small", "position": position}
+        return SceneRecord(image="x.png", captions=["c"], background="navy", objects=[obj])
+
+    # Three red circles differ only in position (each found 1 time in 3), the blue one is unique.
+    records = [rec("top"), rec("left"), rec("center"), rec("top", colour="blue")]
+    assert blind_recall(records, "position") == pytest.approx((3 * (1 / 3) + 1) / 4)
+    assert blind_recall(records, "colour") == pytest.approx((2 * 0.5 + 2) / 4)  # the two at the top
+    assert blind_recall(records, "background") == 1.0
