@@ -83,7 +83,17 @@ def ray_library(tmp_path_factory: pytest.TempPathFactory, encoder) -> RayLibrary
         write_image(lib / f"d{i % 2}/{i}.jpg", 100 + i)
     write_image(lib / "d0/copy-of-3.jpg", 103)
     (lib / "d1/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)
-    _, state = index_into(base / "reference", lib, encoder)
+    # The reference runs with the encoder actors' torch threads (Ray sets OMP_NUM_THREADS to an actor's
+    # num_cpus, 1 by default): float sums split over another number of threads differ in the last bits,
+    # and the tests compare vectors bit for bit. On a 2-core machine torch would otherwise use 2 here.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, state = index_into(base / "reference", lib, encoder)
+    finally:
+        torch.set_num_threads(threads)
     return RayLibrary(lib, base / "reference", state)
 
 
