@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from blip2_search.settings import Settings
 from search_api.app import create_app
+from tests.support.ray_fixtures import actor_threads
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -64,7 +65,8 @@ def test_sharded_answers_equal_the_single_process_servers(
 ) -> None:
     from search_api.scaleout.assembly import ShardLayout, create_sharded_app
 
-    with TestClient(create_app(search_settings, encoder=encoder)) as single:
+    # The reference with the model replica's torch threads: the comparison below is bit for bit.
+    with actor_threads(), TestClient(create_app(search_settings, encoder=encoder)) as single:
         hits = single.get("/api/search", params={"q": "a photo", "k": 50, "rerank": 0}).json()["hits"]
         ids = [h["image_id"] for h in hits]
         assert len(ids) == len(ray_library.state.embedded)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,18 +85,24 @@ def ray_library(tmp_path_factory: pytest.TempPathFactory, encoder) -> RayLibrary
         write_image(lib / f"d{i % 2}/{i}.jpg", 100 + i)
     write_image(lib / "d0/copy-of-3.jpg", 103)
     (lib / "d1/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)
-    # The reference runs with the encoder actors' torch threads (Ray sets OMP_NUM_THREADS to an actor's
-    # num_cpus, 1 by default): float sums split over another number of threads differ in the last bits,
-    # and the tests compare vectors bit for bit. On a 2-core machine torch would otherwise use 2 here.
+    with actor_threads():
+        _, state = index_into(base / "reference", lib, encoder)
+    return RayLibrary(lib, base / "reference", state)
+
+
+@contextmanager
+def actor_threads() -> Iterator[None]:
+    """Run torch in this process with the threads of a Ray actor (Ray sets OMP_NUM_THREADS to its
+    num_cpus, 1 by default). Float sums split over another number of threads differ in the last bits,
+    and the ray tests compare vectors and scores bit for bit; on a 2-core machine torch uses 2 here."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _, state = index_into(base / "reference", lib, encoder)
+        yield
     finally:
         torch.set_num_threads(threads)
-    return RayLibrary(lib, base / "reference", state)
 
 
 def ray_engine(tiny_checkpoints, *, decode=None, encoder_actor=None, **options):
