@@ -26,6 +26,9 @@ class TrainConfig:
     # (it already extracts what captions name); the text-only branch keeps its own weights.
     queries_from_caption: str | None = None
     train_lm: bool | None = None  # None: train it when built from scratch, freeze it when loaded
+    # From scratch: std of the new ViT's position embeddings (None: transformers' 0.02, which leaves
+    # the demo ViT blind to position; 1.0 does not).
+    position_init_std: float | None = None
     # Stage 1: train the ViT blocks too. None: only a from-scratch ViT that had no stage 0. A retrieval
     # ViT trained here no longer equals the caption model's, so the pair shares it again only after
     # stage 2 runs on it (``vision_from``).

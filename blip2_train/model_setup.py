@@ -91,6 +91,19 @@ def scratch_configs(
     return retrieval, caption
 
 
+def init_vision_positions(model: Any, std: float, seed: int) -> None:
+    """Draw a new ViT's position embeddings from N(0, std).
+
+    transformers initialises them at std 0.02, about 1/28 of a patch embedding's output. A ViT built
+    that way and trained from scratch stays blind to where things are (docs/training.md, "Position");
+    at std 1.0 the demo ViT learns position.
+    """
+    gen = torch.Generator().manual_seed(seed + 1)
+    pe = model.vision_model.embeddings.position_embedding
+    with torch.no_grad():
+        pe.copy_(torch.randn(pe.shape, generator=gen) * std)
+
+
 def init_query_tokens(model: Any, seed: int) -> None:
     # Zeros (the HF init) would make all queries identical; BLIP-2 draws them from N(0, 0.02).
     gen = torch.Generator().manual_seed(seed)

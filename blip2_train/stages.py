@@ -45,6 +45,7 @@ from blip2_train.model_setup import (
     copy_stage1_into_caption,
     freeze,
     init_query_tokens,
+    init_vision_positions,
     load_caption,
     load_retrieval,
     queries_from_caption,
@@ -139,6 +140,8 @@ def _train(cfg: TrainConfig) -> dict[str, list[dict[str, float]]]:
         torch.manual_seed(cfg.seed)
         model = Blip2ForImageTextRetrieval(retrieval_cfg)
         init_query_tokens(model, cfg.seed)
+        if cfg.position_init_std is not None:
+            init_vision_positions(model, cfg.position_init_std, cfg.seed)
         return model
 
     if 0 in stages and resume_stage <= 0:

@@ -86,6 +86,10 @@ def train(
         str | None,
         typer.Option(help="Stage 1: start the Q-Former's query path from this caption checkpoint's."),
     ] = None,
+    position_init_std: Annotated[
+        float | None,
+        typer.Option(min=0.0, help="From scratch: std of the ViT's position embeddings (1.0 recommended)."),
+    ] = None,
     train_vision: Annotated[
         bool | None,
         typer.Option(
@@ -169,6 +173,7 @@ def train(
         init_caption=init_caption,
         queries_from_caption=queries_from_caption,
         train_lm=train_lm,
+        position_init_std=position_init_std,
         train_vision=train_vision,
         vision_from=vision_from,
         steps0=steps0,

@@ -331,3 +331,22 @@ def test_a_vit_trained_in_stage1_is_shared_again_after_stage2_on_it(tiny_data: P
         )
     )
     assert pair(tuned / "retrieval", tuned / "caption").shared_vit
+
+
+def test_position_init_std_sets_the_new_vits_position_embeddings(tiny_data: Path, tmp_path: Path) -> None:
+    from transformers import Blip2ForImageTextRetrieval
+
+    def position_std(out: Path) -> float:
+        model = Blip2ForImageTextRetrieval.from_pretrained(
+            str(latest_checkpoint(out / "ck", stage=0) / "model")
+        )
+        return float(model.vision_model.embeddings.position_embedding.std())
+
+    for std, out in ((None, tmp_path / "default"), (1.0, tmp_path / "wide")):
+        train(
+            _config(
+                tiny_data, out, stage="0", steps0=1, checkpoint_dir=str(out / "ck"), position_init_std=std
+            )
+        )
+    assert position_std(tmp_path / "default") < 0.1  # transformers' 0.02, after one step
+    assert 0.8 < position_std(tmp_path / "wide") < 1.2
