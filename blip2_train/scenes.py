@@ -250,11 +250,15 @@ def negatives_for(scene: Scene, seed: int | None = None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _one_change_keys(scene: Scene) -> Iterator[tuple[object, ...]]:
-    """The keys of every scene that differs from ``scene`` in exactly one attribute."""
-    for background in BACKGROUNDS:
-        if background != scene.background:
-            yield replace(scene, background=background).key()
+ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "size", "position", "background")
+
+
+def _one_change_keys(scene: Scene, attributes: Sequence[str] = ATTRIBUTES) -> Iterator[tuple[object, ...]]:
+    """The keys of every scene that differs from ``scene`` in exactly one of ``attributes``."""
+    if "background" in attributes:
+        for background in BACKGROUNDS:
+            if background != scene.background:
+                yield replace(scene, background=background).key()
     taken = {o.position for o in scene.objects}
     for k, obj in enumerate(scene.objects):
         values = {
@@ -264,18 +268,27 @@ def _one_change_keys(scene: Scene) -> Iterator[tuple[object, ...]]:
             "position": [p for p in POSITIONS if p not in taken],
         }
         for attr, options in values.items():
+            if attr not in attributes:
+                continue
             for value in options:
                 if value != getattr(obj, attr):
                     new = replace(obj, **{attr: value})
                     yield replace(scene, objects=(*scene.objects[:k], new, *scene.objects[k + 1 :])).key()
 
 
-def look_alikes(scenes: Sequence[Scene]) -> list[list[int]]:
-    """For each scene, the indices of the other scenes in ``scenes`` that differ from it in one attribute."""
+def look_alikes(scenes: Sequence[Scene], attributes: Sequence[str] = ATTRIBUTES) -> list[list[int]]:
+    """For each scene, the indices of the other scenes in ``scenes`` that differ from it in exactly one
+    of ``attributes`` (``("position",)``: the same scene elsewhere in the picture)."""
+    unknown = set(attributes) - set(ATTRIBUTES)
+    if unknown:
+        raise ValueError(f"unknown scene attributes {sorted(unknown)}; use {', '.join(ATTRIBUTES)}")
     by_key: dict[tuple[object, ...], list[int]] = {}
     for i, scene in enumerate(scenes):
         by_key.setdefault(scene.key(), []).append(i)
-    return [sorted({j for key in _one_change_keys(scene) for j in by_key.get(key, ())}) for scene in scenes]
+    return [
+        sorted({j for key in _one_change_keys(scene, attributes) for j in by_key.get(key, ())})
+        for scene in scenes
+    ]
 
 
 def sample_scene(seed: int, index: int, max_objects: int = 1) -> Scene:
@@ -410,6 +423,7 @@ def generate_dataset(
     jitter: float = 0.25,
     queries: bool = False,
     negatives: bool = False,
+    near_attributes: Sequence[str] = ATTRIBUTES,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[SceneRecord]:
     """Write ``n`` scenes to ``folder``: ``images/*.png``, ``captions.jsonl`` and ``karpathy.json``.
@@ -421,7 +435,8 @@ def generate_dataset(
     ``queries`` each ``captions.jsonl`` line also has ``"queries"`` (``queries_for``): partial
     descriptions that retrieval training mixes into its texts (never into caption training); with
     ``negatives``, ``"negatives"`` (``negatives_for``: captions with one attribute changed) and
-    ``"near"`` (``look_alikes``: the images of this dataset whose scene differs in one attribute).
+    ``"near"`` (``look_alikes``: the images of this dataset whose scene differs in one of
+    ``near_attributes``).
     ``progress("scenes", done, n)`` hears about every scene written.
     """
     folder = Path(folder)
@@ -444,7 +459,7 @@ def generate_dataset(
         if progress is not None:
             progress("scenes", i + 1, n)
     if negatives:
-        for rec, near in zip(records, look_alikes(scenes), strict=True):
+        for rec, near in zip(records, look_alikes(scenes, near_attributes), strict=True):
             rec.near = [records[j].image for j in near]
     with open(folder / "captions.jsonl", "w") as fh:
         for rec in records:

@@ -38,11 +38,20 @@ def scenes(
         bool,
         typer.Option("--negatives", help="Also write hard negatives: captions with one attribute changed."),
     ] = False,
+    near_attributes: Annotated[
+        str,
+        typer.Option(
+            help='With --negatives: look-alikes differ in one of these ("position": position only).'
+        ),
+    ] = "colour,shape,size,position,background",
 ) -> None:
     """Generate a synthetic dataset: coloured shapes on backgrounds, with captions."""
     from blip2_train.progress import console_progress
-    from blip2_train.scenes import generate_dataset
+    from blip2_train.scenes import ATTRIBUTES, generate_dataset
 
+    attributes = [a.strip() for a in near_attributes.split(",") if a.strip()]
+    if not attributes or set(attributes) - set(ATTRIBUTES):
+        raise typer.BadParameter(f"a comma list of {', '.join(ATTRIBUTES)}", param_hint="--near-attributes")
     with console_progress() as progress:
         records = generate_dataset(
             folder,
@@ -54,6 +63,7 @@ def scenes(
             split=split,
             queries=queries,
             negatives=negatives,
+            near_attributes=attributes,
             progress=progress,
         )
     typer.echo(f"wrote {len(records)} scenes to {folder}")

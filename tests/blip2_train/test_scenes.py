@@ -210,3 +210,31 @@ def test_blind_recall_is_the_ceiling_of_a_model_blind_to_one_attribute() -> None
     assert blind_recall(records, "position") == pytest.approx((3 * (1 / 3) + 1) / 4)
     assert blind_recall(records, "colour") == pytest.approx((2 * 0.5 + 2) / 4)  # the two at the top
     assert blind_recall(records, "background") == 1.0
+
+
+def test_look_alikes_can_be_limited_to_position(tmp_path: Path) -> None:
+    from blip2_train.scenes import look_alikes
+
+    records = generate_dataset(
+        tmp_path,
+        300,
+        seed=8,
+        image_size=16,
+        captions_per_image=1,
+        negatives=True,
+        near_attributes=["position"],
+    )
+    by_image = {r.image: r for r in records}
+    assert any(r.near for r in records)
+    for rec in records:
+        for other in rec.near:
+            a, b = rec.objects[0], by_image[other].objects[0]
+            assert a["position"] != b["position"]
+            assert (a["colour"], a["shape"], a["size"], rec.background) == (
+                b["colour"],
+                b["shape"],
+                b["size"],
+                by_image[other].background,
+            )
+    with pytest.raises(ValueError, match="unknown scene attributes"):
+        look_alikes([], ["location"])
