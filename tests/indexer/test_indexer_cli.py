@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from typer.testing import CliRunner
 
 from catalog.db import make_engine
 from indexer.run import IndexOptions, IndexTarget, RunSummary, run_index
-from tests.support.indexer import dump, write_image
+from tests.support.indexer import cli_env, dump, write_image
 
 REPO = Path(__file__).resolve().parents[2]
 N_IMAGES = 7  # batches of 2: 2 + 2 + 2 + 1
@@ -30,20 +29,7 @@ BATCH = 2
 
 
 def _env(tiny_checkpoints, data: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BLIP2_")}
-    env.update(
-        BLIP2_DATA_DIR=str(data),
-        BLIP2_RETRIEVAL_MODEL=str(tiny_checkpoints.retrieval),
-        BLIP2_CAPTION_MODEL=str(tiny_checkpoints.caption),
-        BLIP2_DEVICE="cpu",
-        BLIP2_BATCH_SIZE=str(BATCH),
-        BLIP2_INDEX_WORKERS="1",
-        BLIP2_THUMBNAIL_SIZE="32",
-        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
-        HF_HUB_OFFLINE="1",
-    )
-    env.update(extra)
-    return env
+    return cli_env(tiny_checkpoints, data, BATCH, **{"BLIP2_INDEX_WORKERS": "1", **extra})
 
 
 def _library(root: Path) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.indexer import cli_env
 from tests.support.ray_fixtures import RAY_BATCH, RAY_IMAGES, index_into, pausing_stages, ray_engine
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -83,18 +84,7 @@ def test_a_killed_driver_resumes_like_the_local_indexer(
     next run continues the open generation to the reference end state."""
     data = tmp_path / "data"
     marker = tmp_path / "paused"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BLIP2_")}
-    env.update(
-        BLIP2_DATA_DIR=str(data),
-        BLIP2_RETRIEVAL_MODEL=str(tiny_checkpoints.retrieval),
-        BLIP2_CAPTION_MODEL=str(tiny_checkpoints.caption),
-        BLIP2_DEVICE="cpu",
-        BLIP2_BATCH_SIZE=str(RAY_BATCH),
-        BLIP2_THUMBNAIL_SIZE="32",
-        HF_HUB_OFFLINE="1",
-        RAY_AUTH_MODE="disabled",
-        PYTHONPATH=str(REPO),
-    )
+    env = cli_env(tiny_checkpoints, data, RAY_BATCH, RAY_AUTH_MODE="disabled")
     address = ray_local.get_runtime_context().gcs_address
     # The real command, paused after its first commit by tests/support/pause.py's sink.
     pause = f"committed:1:600:{marker}"

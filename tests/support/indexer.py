@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,26 @@ from catalog.models import Caption, Embedding, File, IndexState, LibraryRoot
 from catalog.models import Image as ImageRow
 from catalog.vector_index import MultiVectorIndex
 from indexer.run import IndexOptions, IndexTarget, RunSummary, run_index
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli_env(tiny_checkpoints, data: Path, batch_size: int, **extra: str) -> dict[str, str]:
+    """The environment of a ``blip2-search`` subprocess on the tiny checkpoints: this process's without
+    its BLIP2_* settings, offline, importing this checkout; ``extra`` on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLIP2_")}
+    env.update(
+        BLIP2_DATA_DIR=str(data),
+        BLIP2_RETRIEVAL_MODEL=str(tiny_checkpoints.retrieval),
+        BLIP2_CAPTION_MODEL=str(tiny_checkpoints.caption),
+        BLIP2_DEVICE="cpu",
+        BLIP2_BATCH_SIZE=str(batch_size),
+        BLIP2_THUMBNAIL_SIZE="32",
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+        HF_HUB_OFFLINE="1",
+    )
+    env.update(extra)
+    return env
 
 
 def image_bytes(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (64, 48), **params) -> bytes:
