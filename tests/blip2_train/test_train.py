@@ -350,3 +350,21 @@ def test_position_init_std_sets_the_new_vits_position_embeddings(tiny_data: Path
         )
     assert position_std(tmp_path / "default") < 0.1  # transformers' 0.02, after one step
     assert 0.8 < position_std(tmp_path / "wide") < 1.2
+
+
+@pytest.mark.parametrize(
+    ("flag", "needs"), [(["--text-negatives"], "negatives"), (["--near-ratio", "0.5"], "near")]
+)
+def test_cli_hard_negative_flags_on_data_without_them_fail_in_one_line(
+    tiny_data: Path, tmp_path: Path, flag: list[str], needs: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from blip2_search.cli import app
+
+    args = ["train", str(tiny_data), "--out", str(tmp_path), "--shape", "tiny", "--stage", "1", *flag]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and f'"{needs}"' in lines[0] and "scenes --negatives" in lines[0], result.output
+    assert "Traceback" not in result.output
