@@ -58,6 +58,9 @@ class TrainConfig:
     text_negatives: bool = False
     # Stages 0 and 1: share of each batch made of look-alikes of its other images (a JSONL line's "near").
     near_ratio: float = 0.0
+    # Stage 1: weight of the ITM loss beside ITC and ITG (1 in BLIP-2). More keeps the re-ranking head
+    # ahead of a strong ITC on the look-alikes it must separate.
+    itm_weight: float = 1.0
     seed: int = 0
     # Machinery.
     device: str | None = None

@@ -171,7 +171,7 @@ def _train(cfg: TrainConfig) -> dict[str, list[dict[str, float]]]:
         if dec is None or dec == bert.unk_token_id:
             dec = bert.cls_token_id  # a checkpoint whose vocabulary lacks [DEC]: reuse [CLS]
         assert isinstance(dec, int)
-        module = Stage1(retrieval, dec, train_vision=train_vision)
+        module = Stage1(retrieval, dec, train_vision=train_vision, itm_weight=cfg.itm_weight)
         run = StageRun(1, module, retrieval, bert, text_len, cfg.steps1, cfg.lr1)
         results["stage1"] = trainer.run_stage(run, dataset, resume if resume_stage == 1 else None)
         if not trainer.finished:

@@ -145,6 +145,9 @@ def train(
             help='Stages 0-1: share of each batch that is look-alikes of the rest (JSONL "near" lists).',
         ),
     ] = 0.0,
+    itm_weight: Annotated[
+        float, typer.Option(min=0.0, help="Stage 1: weight of the ITM loss beside ITC and ITG.")
+    ] = 1.0,
     weight_decay: Annotated[float, typer.Option(min=0)] = 0.05,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if present).")] = None,
@@ -198,6 +201,7 @@ def train(
         query_ratio=query_ratio,
         text_negatives=text_negatives,
         near_ratio=near_ratio,
+        itm_weight=itm_weight,
         weight_decay=weight_decay,
         seed=seed,
         device=device,

@@ -269,6 +269,18 @@ def test_stage1_learns_from_hard_negative_texts(tmp_path: Path) -> None:
     ).embed_texts(["a red circle"]).shape == (1, TINY.embed_dim)
 
 
+def test_itm_weight_scales_the_itm_term_of_the_stage1_loss(tiny_data: Path, tmp_path: Path) -> None:
+    """The first step of two otherwise identical runs sees the same batch and weights, so only the
+    ITM term's weight differs in the total."""
+    runs = {}
+    for w in (1.0, 3.0):
+        cfg = _config(tiny_data, tmp_path / f"w{w}", stage="1", steps1=1, itm_weight=w)
+        runs[w] = train(cfg)["stage1"][0]
+    one, three = runs[1.0], runs[3.0]
+    assert one["itc"] == three["itc"] and one["itm"] == three["itm"]
+    assert three["loss"] == pytest.approx(one["loss"] + 2 * one["itm"], rel=1e-5)
+
+
 def test_hard_negatives_change_the_stage1_losses(tiny_checkpoints) -> None:
     from transformers import AutoTokenizer, Blip2ForImageTextRetrieval
 

@@ -218,9 +218,9 @@ def test_the_thumbnail_fallback_is_approximate(exact_catalog: Catalog, model) ->
     assert dev.upload_vs_encoder <= 1e-4
     assert levels >= 8  # the model sees other pixels
     if enc.spec.size != 32:  # the tiny model's random weights barely react to them (~1e-5)
-        # 10x the gate's 1e-4 (the demo's ITM logits are scaled down since issue 10.7, 0.05 now, so
-        # the previous 1e-2 became 1e-3; measured 7.7e-3).
-        assert dev.by_id_vs_encoder > 1e-3
+        # 5x the gate's 1e-4. The demo's ITM logits are scaled by 0.05 since issue 10.7, and the
+        # position-aware pair moves less on a thumbnail: measured 1.06e-3 (the pair before, 7.7e-3).
+        assert dev.by_id_vs_encoder > 5e-4
 
 
 def test_fast_jpeg_deviation(tmp_path: Path, model) -> None:
