@@ -253,6 +253,15 @@ def negatives_for(scene: Scene, seed: int | None = None) -> list[str]:
 ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "size", "position", "background")
 
 
+def check_attributes(attributes: Sequence[str]) -> tuple[str, ...]:
+    """``attributes`` as a tuple, or a one-line ValueError when it is empty or names an unknown one."""
+    unknown = sorted(set(attributes) - set(ATTRIBUTES))
+    if unknown or not attributes:
+        what = f"unknown scene attributes {unknown}" if unknown else "no scene attributes"
+        raise ValueError(f"{what}; use some of {', '.join(ATTRIBUTES)}")
+    return tuple(attributes)
+
+
 def _one_change_keys(scene: Scene, attributes: Sequence[str] = ATTRIBUTES) -> Iterator[tuple[object, ...]]:
     """The keys of every scene that differs from ``scene`` in exactly one of ``attributes``."""
     if "background" in attributes:
@@ -279,9 +288,7 @@ def _one_change_keys(scene: Scene, attributes: Sequence[str] = ATTRIBUTES) -> It
 def look_alikes(scenes: Sequence[Scene], attributes: Sequence[str] = ATTRIBUTES) -> list[list[int]]:
     """For each scene, the indices of the other scenes in ``scenes`` that differ from it in exactly one
     of ``attributes`` (``("position",)``: the same scene elsewhere in the picture)."""
-    unknown = set(attributes) - set(ATTRIBUTES)
-    if unknown:
-        raise ValueError(f"unknown scene attributes {sorted(unknown)}; use {', '.join(ATTRIBUTES)}")
+    attributes = check_attributes(attributes)
     by_key: dict[tuple[object, ...], list[int]] = {}
     for i, scene in enumerate(scenes):
         by_key.setdefault(scene.key(), []).append(i)
@@ -439,6 +446,8 @@ def generate_dataset(
     ``near_attributes``).
     ``progress("scenes", done, n)`` hears about every scene written.
     """
+    if negatives:
+        check_attributes(near_attributes)  # before rendering, not after n images
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     records: list[SceneRecord] = []

@@ -47,11 +47,12 @@ def scenes(
 ) -> None:
     """Generate a synthetic dataset: coloured shapes on backgrounds, with captions."""
     from blip2_train.progress import console_progress
-    from blip2_train.scenes import ATTRIBUTES, generate_dataset
+    from blip2_train.scenes import check_attributes, generate_dataset
 
-    attributes = [a.strip() for a in near_attributes.split(",") if a.strip()]
-    if not attributes or set(attributes) - set(ATTRIBUTES):
-        raise typer.BadParameter(f"a comma list of {', '.join(ATTRIBUTES)}", param_hint="--near-attributes")
+    try:
+        attributes = check_attributes([a.strip() for a in near_attributes.split(",") if a.strip()])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--near-attributes") from None
     with console_progress() as progress:
         records = generate_dataset(
             folder,

@@ -238,3 +238,23 @@ def test_look_alikes_can_be_limited_to_position(tmp_path: Path) -> None:
             )
     with pytest.raises(ValueError, match="unknown scene attributes"):
         look_alikes([], ["location"])
+
+
+@pytest.mark.parametrize(("value", "says"), [("location", "unknown scene attributes"), (" , ", "no scene")])
+def test_cli_bad_near_attributes_are_a_usage_error_before_any_image(
+    tmp_path: Path, value: str, says: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from blip2_search.cli import app
+
+    out = tmp_path / "scenes"
+    args = ["scenes", str(out), "--n", "3", "--negatives", "--near-attributes", value]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "--near-attributes" in result.output and says in result.output and "position" in result.output
+    assert "Traceback" not in result.output
+    assert not list(out.rglob("*.png"))
+    with pytest.raises(ValueError, match="unknown scene attributes"):  # the library call fails as early
+        generate_dataset(out, 3, negatives=True, near_attributes=["location"])
+    assert not list(out.rglob("*.png"))
